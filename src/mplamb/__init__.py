@@ -1,0 +1,25 @@
+"""mplamb: exact, fast and safe LAMB for mixed-precision training.
+
+* :mod:`mplamb.ops`: MXNet's LAMB operators on PyTorch tensors (``lamb_update_phase1`` ...).
+* :mod:`mplamb.kernels`: the math, once per backend (``reference`` is the source of truth).
+"""
+from .ops import (
+    lamb_update_phase1,
+    lamb_update_phase2,
+    mp_lamb_update_phase1,
+    mp_lamb_update_phase2,
+    multi_lamb_update,
+    multi_mp_lamb_update,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "lamb_update_phase1",
+    "lamb_update_phase2",
+    "mp_lamb_update_phase1",
+    "mp_lamb_update_phase2",
+    "multi_lamb_update",
+    "multi_mp_lamb_update",
+    "__version__",
+]

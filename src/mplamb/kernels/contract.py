@@ -1,0 +1,116 @@
+"""The contract every backend implements: one fused LAMB step over a batch of tensors.
+
+A backend is a function ``lamb_step(batch, reducer) -> StepResult`` that performs,
+in place, phase 1 on every tensor, computes the local squared norms
+``[||w_i||^2, ||g_i||^2]`` into a ``(2, n)`` float64 tensor, hands it to ``reducer``
+(identity on one process; an all-reduce of partial norms when tensors are shards),
+and then performs phase 2 with the step sizes of :func:`step_sizes_for`.
+
+Inputs are validated by the caller (``mplamb.ops`` or ``mplamb.Lamb``) before a
+backend is called; backends never validate and never allocate state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+
+from .._scalars import Phase1Scalars, compute_dtype, f32, step_sizes
+
+__all__ = ["LambBatch", "StepResult", "NormReducer", "local_reducer", "step_sizes_for"]
+
+NormReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def local_reducer(sumsq: torch.Tensor) -> torch.Tensor:
+    """The reducer for unsharded tensors: the local sums of squares are the whole norms."""
+    return sumsq
+
+
+@dataclass
+class LambBatch:
+    """The tensors and per-tensor scalars of one fused step (all on one device).
+
+    ``weights[i]`` is the model tensor (float16/bfloat16/float32/float64).  When
+    ``masters[i]`` is a float32 master weight, phase 1 decays and phase 2 updates the
+    master, and ``outs[i]`` receives the rounded master; otherwise the weight itself is
+    read and the new value written to ``outs[i]`` (which may be ``weights[i]``).
+    ``means``/``vars`` hold the moments (float32 with a master, else the weight dtype).
+    ``lrs`` are per-tensor learning rates; ``adapt[i]`` False turns the trust ratio off.
+    ``rescale`` (a 0-d float32 tensor) replaces every ``scalars[i].rescale`` when set.
+    """
+
+    weights: List[torch.Tensor]
+    grads: List[torch.Tensor]
+    means: List[torch.Tensor]
+    vars: List[torch.Tensor]
+    masters: List[Optional[torch.Tensor]]
+    outs: List[torch.Tensor]
+    scalars: List[Phase1Scalars]
+    lrs: Sequence[float]
+    adapt: Optional[Sequence[bool]] = None
+    lower_bound: Optional[float] = None
+    upper_bound: Optional[float] = None
+    max_trust_ratio: Optional[float] = None
+    rescale: Optional[torch.Tensor] = None
+
+    def decay_source(self, i: int) -> torch.Tensor:
+        """The weight phase 1 decays and phase 2 updates: the master if any, else the weight."""
+        m = self.masters[i]
+        return self.weights[i] if m is None else m
+
+    def compute_dtypes(self) -> List[torch.dtype]:
+        return [compute_dtype(self.decay_source(i).dtype) for i in range(len(self.weights))]
+
+
+@dataclass
+class StepResult:
+    """What a step reports, as device tensors (no host synchronisation).
+
+    ``sumsq[0]``/``sumsq[1]``: reduced squared norms of the weights and of the updates;
+    ``step_sizes``: the per-tensor step actually applied (``lr * trust ratio``), float64.
+    """
+
+    sumsq: torch.Tensor
+    step_sizes: torch.Tensor
+
+    @property
+    def weight_norms(self) -> torch.Tensor:
+        return torch.sqrt(self.sumsq[0])
+
+    @property
+    def update_norms(self) -> torch.Tensor:
+        return torch.sqrt(self.sumsq[1])
+
+
+def step_sizes_for(batch: LambBatch, sumsq: torch.Tensor) -> torch.Tensor:
+    """Per-tensor step sizes (float64 tensor holding compute-dtype values) from reduced norms.
+
+    Norms are ``sqrt`` of the float64 sums, rounded once to each tensor's compute
+    dtype; the trust-ratio rule is :func:`mplamb._scalars.step_sizes` evaluated in that
+    dtype, so float32 tensors get exactly MXNet's float32 ``(lr * r1) / r2``.
+    """
+    norms = torch.sqrt(sumsq)
+    dtypes = batch.compute_dtypes()
+    lrs = torch.tensor([f32(lr) for lr in batch.lrs], dtype=torch.float64).to(sumsq.device, non_blocking=True)
+    adapt = True
+    if batch.adapt is not None and not all(batch.adapt):
+        adapt = torch.tensor(list(batch.adapt), dtype=torch.bool).to(sumsq.device, non_blocking=True)
+    result = None
+    for dtype in sorted(set(dtypes), key=str):
+        steps = step_sizes(
+            lrs.to(dtype),
+            norms[0].to(dtype),
+            norms[1].to(dtype),
+            lower_bound=batch.lower_bound,
+            upper_bound=batch.upper_bound,
+            max_trust_ratio=batch.max_trust_ratio,
+            adapt=adapt,
+        ).to(torch.float64)
+        if result is None:
+            result = steps
+        else:
+            mask = torch.tensor([d == dtype for d in dtypes], device=sumsq.device)
+            result = torch.where(mask, steps, result)
+    return result

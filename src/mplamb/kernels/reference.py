@@ -1,0 +1,104 @@
+"""The reference backend: plain per-tensor PyTorch, readable, the source of truth.
+
+Every other backend is tested against this module.  Each function performs one
+named stage of LAMB with MXNet's exact order of operations (see ``_scalars`` for
+the scalar values and ``tests/golden/NOTES.md`` for the specification)::
+
+    phase 1   s    = clip(c(grad) * rescale)                      c = compute dtype
+              mean = beta1*mean + (1-beta1)*s
+              var  = beta2*var  + ((1-beta2)*s)*s
+              g    = mean_hat / (sqrt(var_hat) + eps) + wd * w     (Adam direction + decay)
+    norms     r1 = ||w||,  r2 = ||g||                               (sums of squares in float64)
+    phase 2   w    = w - step * g,  step from ``_scalars.step_sizes`` (trust ratio * lr)
+
+Every arithmetic operation is a separate tensor operation, so nothing is fused
+into a multiply-add and float32 results are bit-for-bit MXNet's.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .._scalars import Phase1Scalars, compute_dtype
+from .contract import LambBatch, NormReducer, StepResult, local_reducer, step_sizes_for
+
+__all__ = ["phase1", "phase2", "sum_of_squares", "lamb_step"]
+
+Scale = Union[float, torch.Tensor]
+
+
+def phase1(
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    sc: Phase1Scalars,
+    rescale: Optional[Scale] = None,
+) -> torch.Tensor:
+    """Phase 1 in place on ``mean``/``var``; returns ``g`` in the compute dtype of ``w``.
+
+    ``w`` is the weight the decay applies to (the fp32 master in mixed precision).
+    ``rescale`` overrides ``sc.rescale`` (a 0-d tensor: a loss-scale or clip factor
+    that lives on the device).
+    """
+    c = compute_dtype(w.dtype)
+    s = grad.to(c) * (sc.rescale if rescale is None else rescale)
+    if sc.clip is not None:
+        s = torch.clamp(s, -sc.clip, sc.clip)
+    m = mean.to(c) * sc.beta1 + s * sc.one_minus_beta1
+    v = var.to(c) * sc.beta2 + (s * sc.one_minus_beta2) * s
+    mean.copy_(m)
+    var.copy_(v)
+    if sc.bias1 is not None:
+        m = (m.to(torch.float64) / sc.bias1).to(c)
+        v = v / sc.bias2
+    return m / (torch.sqrt(v) + sc.epsilon) + w.to(c) * sc.wd
+
+
+def phase2(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    step: torch.Tensor,
+    out: torch.Tensor,
+    master: Optional[torch.Tensor] = None,
+) -> None:
+    """``new = w - step * g`` in ``g``'s dtype; written to ``master`` (if given) and ``out``.
+
+    ``w`` is the master when there is one.  ``step`` is a 0-d tensor of ``g``'s dtype.
+    ``out`` may be ``w`` itself (in-place update).
+    """
+    new = w.to(g.dtype) - step * g
+    if master is not None:
+        master.copy_(new)
+    out.copy_(new)
+
+
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """``sum(x**2)`` accumulated in float64 (0-d tensor)."""
+    x = x.to(torch.float64)
+    return torch.sum(x * x)
+
+
+def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
+    """One fused LAMB step over ``batch`` (see :class:`~mplamb.kernels.contract.LambBatch`).
+
+    Phase 1 for every tensor, then all squared norms reduced by ``reducer`` at once,
+    then phase 2 for every tensor.
+    """
+    n = len(batch.weights)
+    device = batch.weights[0].device
+    directions = []
+    sumsq = torch.empty(2, n, dtype=torch.float64, device=device)
+    for i in range(n):
+        w = batch.decay_source(i)
+        g = phase1(w, batch.grads[i], batch.means[i], batch.vars[i], batch.scalars[i], batch.rescale)
+        directions.append(g)
+        sumsq[0, i] = sum_of_squares(w)
+        sumsq[1, i] = sum_of_squares(g)
+    sumsq = reducer(sumsq)
+    steps = step_sizes_for(batch, sumsq)
+    for i in range(n):
+        g = directions[i]
+        phase2(batch.decay_source(i), g, steps[i].to(g.dtype), batch.outs[i], batch.masters[i])
+    return StepResult(sumsq=sumsq, step_sizes=steps)
