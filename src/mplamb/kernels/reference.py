@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .._scalars import Phase1Scalars, compute_dtype
+from ._ieee import ieee_sqrt
 from .contract import LambBatch, NormReducer, StepResult, local_reducer, step_sizes_for
 
 __all__ = ["phase1", "phase2", "sum_of_squares", "lamb_step"]
@@ -53,7 +54,7 @@ def phase1(
     if sc.bias1 is not None:
         m = (m.to(torch.float64) / sc.bias1).to(c)
         v = v / sc.bias2
-    return m / (torch.sqrt(v) + sc.epsilon) + w.to(c) * sc.wd
+    return m / (ieee_sqrt(v) + sc.epsilon) + w.to(c) * sc.wd
 
 
 def phase2(
