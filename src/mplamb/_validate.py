@@ -74,8 +74,9 @@ def check_real(
     minimum: Optional[float] = None,
     finite: bool = True,
     allow_none: bool = False,
+    allow_nan: bool = False,
 ) -> Optional[float]:
-    """``x`` is a real number (not NaN; finite unless ``finite=False``; ``>= minimum``)."""
+    """``x`` is a real number (not NaN unless ``allow_nan``; finite unless ``finite=False``; ``>= minimum``)."""
     if x is None and allow_none:
         return None
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
@@ -84,6 +85,8 @@ def check_real(
         else:
             raise TypeError(f"{name}: expected a real number, got {type(x).__name__}")
     value = float(x)
+    if math.isnan(value) and allow_nan:
+        return value
     if math.isnan(value) or (finite and math.isinf(value)):
         raise ValueError(f"{name}: expected a finite number, got {value}")
     if minimum is not None and value < minimum:

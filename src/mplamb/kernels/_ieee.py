@@ -33,5 +33,5 @@ def ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float64:
         if _np is None or torch.compiler.is_compiling():
             return torch.sqrt(x)
-        return torch.from_numpy(_np.sqrt(x.detach().contiguous().numpy()))
+        return torch.from_numpy(_np.asarray(_np.sqrt(x.detach().contiguous().numpy()))).reshape(x.shape)
     return torch.sqrt(x.to(torch.float64)).to(x.dtype)

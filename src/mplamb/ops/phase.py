@@ -150,7 +150,7 @@ def _norm_arg(name: str, r: Norm, weight: torch.Tensor) -> torch.Tensor:
         if r.device != weight.device and r.device.type != "cpu":
             raise ValueError(f"{name}: expected device {weight.device} (the device of weight) or cpu, got {r.device}")
         return r.reshape(()).to(weight.device)
-    value = check_real(name, r, finite=False)
+    value = check_real(name, r, finite=False, allow_nan=True)  # a NaN norm gives NaN weights, as in MXNet
     return torch.tensor(value, dtype=torch.float64, device=weight.device)
 
 
