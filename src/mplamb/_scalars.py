@@ -92,8 +92,13 @@ def phase1_scalars(
     rescale_grad: float,
     clip_gradient: float,
     dtype: torch.dtype = torch.float32,
+    grad_averaging: bool = True,
 ) -> Phase1Scalars:
-    """Scalars of phase 1 for step ``t`` in compute dtype ``dtype`` (validated inputs)."""
+    """Scalars of phase 1 for step ``t`` in compute dtype ``dtype`` (validated inputs).
+
+    ``grad_averaging=False`` (Apex's option) accumulates ``mean = beta1*mean + s``:
+    the factor ``1 - beta1`` becomes 1.
+    """
     b1, b2 = f32(beta1), f32(beta2)
     clip = f32(clip_gradient)
     bias1 = bias2 = None
@@ -107,7 +112,7 @@ def phase1_scalars(
         clip=clip if clip > 0 else None,
         beta1=b1,
         beta2=b2,
-        one_minus_beta1=_round_to(1.0 - b1, dtype),
+        one_minus_beta1=_round_to(1.0 - b1, dtype) if grad_averaging else 1.0,
         one_minus_beta2=_round_to(1.0 - b2, dtype),
         epsilon=f32(epsilon),
         wd=f32(wd),

@@ -1,38 +1,44 @@
 """LAMB kernels: the math, behind one contract (:mod:`.contract`), once per backend.
 
-``reference`` is plain per-tensor PyTorch and the source of truth; every other
-backend is tested against it.  :func:`get_backend` resolves a name (or ``"auto"``)
-to a step function for a device.
+A backend is a module with
+
+* ``lamb_step(batch, reducer) -> StepResult``: phase 1, norms, phase 2 over a batch, in place;
+* ``grad_sum_of_squares(grads) -> Tensor``: per-tensor float64 sums of squares of the raw
+  gradients (the global-norm clipping and non-finite check read them);
+* optionally ``supports_device(device) -> bool`` and ``AVAILABLE`` (False when an optional
+  dependency such as numba or Triton is missing).
+
+``reference`` is plain per-tensor PyTorch and the source of truth; every other backend
+is tested against it.  :func:`get_backend` resolves a name (or ``"auto"``) for a device.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, List
+from types import ModuleType
+from typing import Dict, List
 
 import torch
 
 from .contract import LambBatch, NormReducer, StepResult, local_reducer
 
-__all__ = ["LambBatch", "NormReducer", "StepResult", "local_reducer", "get_backend", "available_backends", "BACKENDS"]
+__all__ = ["LambBatch", "NormReducer", "StepResult", "local_reducer", "get_backend", "available_backends",
+           "BACKENDS", "resolve_backend_name"]
 
-StepFn = Callable[[LambBatch, NormReducer], StepResult]
-
-# name -> (module, function, predicate(device) telling whether it can run there)
-BACKENDS: Dict[str, tuple] = {
-    "reference": ("reference", "lamb_step"),
+# public name -> module of this package
+BACKENDS: Dict[str, str] = {
+    "reference": "reference",
 }
 
 # Preference order of "auto" per device type (first available wins).
 _AUTO_ORDER = {"cpu": ["reference"], "cuda": ["reference"]}
 
 
-def _module_available(name: str) -> bool:
-    module = BACKENDS[name][0]
+def _module(name: str) -> ModuleType | None:
     try:
-        mod = importlib.import_module(f"{__name__}.{module}")
+        mod = importlib.import_module(f"{__name__}.{BACKENDS[name]}")
     except ImportError:
-        return False
-    return getattr(mod, "AVAILABLE", True)
+        return None
+    return mod if getattr(mod, "AVAILABLE", True) else None
 
 
 def available_backends(device: torch.device | str = "cpu") -> List[str]:
@@ -40,29 +46,34 @@ def available_backends(device: torch.device | str = "cpu") -> List[str]:
     dev = torch.device(device)
     out = []
     for name in BACKENDS:
-        if not _module_available(name):
+        mod = _module(name)
+        if mod is None:
             continue
-        mod = importlib.import_module(f"{__name__}.{BACKENDS[name][0]}")
         supports = getattr(mod, "supports_device", None)
         if supports is None or supports(dev):
             out.append(name)
     return out
 
 
-def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> StepFn:
-    """The step function of backend ``name`` (``"auto"``: the fastest available for ``device``)."""
+def resolve_backend_name(name: str = "auto", device: torch.device | str = "cpu") -> str:
+    """The concrete backend name for ``name`` on ``device`` (``"auto"``: the fastest available)."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a str, got {type(name).__name__}")
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
     dev = torch.device(device)
+    avail = available_backends(dev)
     if name == "auto":
-        avail = set(available_backends(dev))
         for cand in _AUTO_ORDER.get(dev.type, ["reference"]):
             if cand in avail:
-                name = cand
-                break
-        else:
-            name = "reference"
-    if name not in BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
-    if name not in available_backends(dev):
-        raise ValueError(f"backend: {name!r} is not available for device {dev} in this environment")
-    module, fn = BACKENDS[name]
-    return getattr(importlib.import_module(f"{__name__}.{module}"), fn)
+                return cand
+        return "reference"
+    if name not in avail:
+        raise ValueError(f"backend: {name!r} is not available for device {dev} in this environment "
+                         f"(available: {avail})")
+    return name
+
+
+def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> ModuleType:
+    """The backend module of ``name`` for ``device`` (see the module docstring for its contract)."""
+    return importlib.import_module(f"{__name__}.{BACKENDS[resolve_backend_name(name, device)]}")

@@ -18,7 +18,7 @@ import torch
 
 from .._scalars import Phase1Scalars, compute_dtype, f32, step_sizes
 
-__all__ = ["LambBatch", "StepResult", "NormReducer", "local_reducer", "step_sizes_for"]
+__all__ = ["LambBatch", "StepResult", "NormReducer", "local_reducer", "step_sizes_for", "finish_norms"]
 
 NormReducer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -36,7 +36,9 @@ class LambBatch:
     ``masters[i]`` is a float32 master weight, phase 1 decays and phase 2 updates the
     master, and ``outs[i]`` receives the rounded master; otherwise the weight itself is
     read and the new value written to ``outs[i]`` (which may be ``weights[i]``).
-    ``means``/``vars`` hold the moments (float32 with a master, else the weight dtype).
+    ``means``/``vars`` hold the moments: float32 with a master; otherwise the weight
+    dtype (the operators) or float32 (the optimizer keeps float32 moments for half
+    weights without masters).  Arithmetic is in the compute dtype of the decay source.
     ``lrs`` are per-tensor learning rates; ``adapt[i]`` False turns the trust ratio off.
     ``rescale`` (a 0-d float32 tensor) replaces every ``scalars[i].rescale`` when set.
     """
@@ -69,11 +71,13 @@ class StepResult:
     """What a step reports, as device tensors (no host synchronisation).
 
     ``sumsq[0]``/``sumsq[1]``: reduced squared norms of the weights and of the updates;
-    ``step_sizes``: the per-tensor step actually applied (``lr * trust ratio``), float64.
+    ``step_sizes``: the per-tensor step actually applied (``lr * trust ratio``), float64;
+    ``trust_ratios``: the step with ``lr = 1`` (1 where the plain lr applies), float64.
     """
 
     sumsq: torch.Tensor
     step_sizes: torch.Tensor
+    trust_ratios: torch.Tensor
 
     @property
     def weight_norms(self) -> torch.Tensor:
@@ -84,16 +88,18 @@ class StepResult:
         return torch.sqrt(self.sumsq[1])
 
 
-def step_sizes_for(batch: LambBatch, sumsq: torch.Tensor) -> torch.Tensor:
+def step_sizes_for(batch: LambBatch, sumsq: torch.Tensor, *, unit_lr: bool = False) -> torch.Tensor:
     """Per-tensor step sizes (float64 tensor holding compute-dtype values) from reduced norms.
 
     Norms are ``sqrt`` of the float64 sums, rounded once to each tensor's compute
     dtype; the trust-ratio rule is :func:`mplamb._scalars.step_sizes` evaluated in that
     dtype, so float32 tensors get exactly MXNet's float32 ``(lr * r1) / r2``.
+    ``unit_lr=True`` gives the trust ratios themselves (every lr taken as 1).
     """
     norms = torch.sqrt(sumsq)
     dtypes = batch.compute_dtypes()
-    lrs = torch.tensor([f32(lr) for lr in batch.lrs], dtype=torch.float64).to(sumsq.device, non_blocking=True)
+    lr_values = [1.0] * len(batch.lrs) if unit_lr else [f32(lr) for lr in batch.lrs]
+    lrs = torch.tensor(lr_values, dtype=torch.float64).to(sumsq.device, non_blocking=True)
     adapt = True
     if batch.adapt is not None and not all(batch.adapt):
         adapt = torch.tensor(list(batch.adapt), dtype=torch.bool).to(sumsq.device, non_blocking=True)
@@ -114,3 +120,12 @@ def step_sizes_for(batch: LambBatch, sumsq: torch.Tensor) -> torch.Tensor:
             mask = torch.tensor([d == dtype for d in dtypes], device=sumsq.device)
             result = torch.where(mask, steps, result)
     return result
+
+
+def finish_norms(batch: LambBatch, sumsq: torch.Tensor, reducer: NormReducer) -> tuple:
+    """Reduce the local squared norms and turn them into step sizes and trust ratios.
+
+    The one piece of the step between the phases that every backend shares.
+    """
+    sumsq = reducer(sumsq)
+    return sumsq, step_sizes_for(batch, sumsq), step_sizes_for(batch, sumsq, unit_lr=True)

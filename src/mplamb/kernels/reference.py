@@ -22,9 +22,9 @@ import torch
 
 from .._scalars import Phase1Scalars, compute_dtype
 from ._ieee import ieee_sqrt
-from .contract import LambBatch, NormReducer, StepResult, local_reducer, step_sizes_for
+from .contract import LambBatch, NormReducer, StepResult, finish_norms, local_reducer
 
-__all__ = ["phase1", "phase2", "sum_of_squares", "lamb_step"]
+__all__ = ["phase1", "phase2", "sum_of_squares", "grad_sum_of_squares", "lamb_step"]
 
 Scale = Union[float, torch.Tensor]
 
@@ -97,9 +97,15 @@ def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepRes
         directions.append(g)
         sumsq[0, i] = sum_of_squares(w)
         sumsq[1, i] = sum_of_squares(g)
-    sumsq = reducer(sumsq)
-    steps = step_sizes_for(batch, sumsq)
+    sumsq, steps, ratios = finish_norms(batch, sumsq, reducer)
     for i in range(n):
         g = directions[i]
         phase2(batch.decay_source(i), g, steps[i].to(g.dtype), batch.outs[i], batch.masters[i])
-    return StepResult(sumsq=sumsq, step_sizes=steps)
+    return StepResult(sumsq=sumsq, step_sizes=steps, trust_ratios=ratios)
+
+
+def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor ``sum(grad**2)`` in float64, shape ``(n,)``, on the grads' device."""
+    if not grads:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([sum_of_squares(g) for g in grads])

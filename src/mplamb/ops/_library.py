@@ -138,7 +138,7 @@ def _run_multi(weights, grads, means, vars_, weights32, outs, step_count, learni
         outs=list(outs), scalars=scalars, lrs=list(learning_rates),
         lower_bound=lower_bound, upper_bound=upper_bound,
     )
-    get_backend(backend, weights[0].device)(batch, local_reducer)
+    get_backend(backend, weights[0].device).lamb_step(batch, local_reducer)
 
 
 @torch.library.custom_op("mplamb::multi_lamb_update", mutates_args=("means", "vars", "outs"))

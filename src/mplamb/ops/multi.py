@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .._validate import FLOAT_DTYPES, HALF_DTYPES, check_like, check_list_length, check_no_overlap, check_real, check_step, check_tensor
+from ..kernels import resolve_backend_name
 from . import _library  # noqa: F401  (registers torch.ops.mplamb.*)
 from .phase import phase1_hyper, phase2_hyper
 
@@ -83,10 +84,10 @@ def _validate(
 def _multi(weights, grads, means, vars, weights32, *, out, step_count, learning_rates, wds, backend, **hyper):
     p1 = phase1_hyper(wd=0.0, **{k: hyper[k] for k in ("beta1", "beta2", "epsilon", "bias_correction", "rescale_grad", "clip_gradient")})
     p2 = phase2_hyper(lr=0.0, lower_bound=hyper["lower_bound"], upper_bound=hyper["upper_bound"])
-    if not isinstance(backend, str):
-        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     ws, normal, outs, steps, lrs, wd_values = _validate(
         weights, grads, means, vars, weights32, out, step_count, learning_rates, wds, hyper)
+    if not torch.compiler.is_compiling():  # (the op body resolves it again when it runs)
+        backend = resolve_backend_name(backend, ws[0].device)  # a clear error before anything runs
     args = (p1["beta1"], p1["beta2"], p1["epsilon"], p1["rescale_grad"], p2["lower_bound"], p2["upper_bound"],
             p1["clip_gradient"], p1["bias_correction"], backend)
     with torch.no_grad():
