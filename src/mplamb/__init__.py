@@ -1,8 +1,11 @@
 """mplamb: exact, fast and safe LAMB for mixed-precision training.
 
 * :mod:`mplamb.ops`: MXNet's LAMB operators on PyTorch tensors (``lamb_update_phase1`` ...).
+* :class:`mplamb.Lamb`: the ``torch.optim`` optimizer (fp32 masters, loss scaling, clipping).
 * :mod:`mplamb.kernels`: the math, once per backend (``reference`` is the source of truth).
 """
+from .optimizer import Lamb
+from .param_groups import param_groups
 from .ops import (
     lamb_update_phase1,
     lamb_update_phase2,
@@ -15,6 +18,8 @@ from .ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Lamb",
+    "param_groups",
     "lamb_update_phase1",
     "lamb_update_phase2",
     "mp_lamb_update_phase1",

@@ -1,0 +1,423 @@
+"""``mplamb.Lamb``: a ``torch.optim.Optimizer`` for real mixed-precision LAMB training.
+
+The stateful shell around the kernels: param groups, lazy state, fp32 master weights,
+global-norm clipping, the loss-scale hand-off and the non-finite skip, telemetry and
+the ``state_dict`` policy.  It contains no elementwise math: every step is one
+``lamb_step`` of a backend of :mod:`mplamb.kernels` per batch of like tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch.optim import Optimizer
+
+from ._scalars import Phase1Scalars, compute_dtype, phase1_scalars
+from ._validate import HALF_DTYPES, check_beta, check_real
+from .kernels import BACKENDS, LambBatch, StepResult, get_backend, local_reducer
+
+__all__ = ["Lamb"]
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_optional_positive(name: str, value: object, hint: str = "") -> Optional[float]:
+    v = check_real(name, value, allow_none=True)
+    if v is not None and v <= 0:
+        raise ValueError(f"{name}: expected None or a number > 0, got {v}{hint}")
+    return v
+
+
+def check_group(group: Dict[str, Any]) -> None:
+    """Validate the hyper-parameters of one param group (raises, naming the argument)."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr: expected a number or a one-element tensor, got shape {tuple(lr.shape)}")
+        lr = lr.item()
+    check_real("lr", lr, minimum=0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    check_beta("betas[0]", betas[0])
+    check_beta("betas[1]", betas[1])
+    check_real("eps", group["eps"], minimum=0.0)
+    check_real("weight_decay", group["weight_decay"], minimum=0.0)
+    for flag in ("bias_correction", "grad_averaging", "layer_adaptation"):
+        _check_flag(flag, group[flag])
+    _check_optional_positive("max_grad_norm", group["max_grad_norm"])
+    _check_optional_positive("clip_gradient", group["clip_gradient"], " (use None to turn clipping off)")
+    rg = check_real("rescale_grad", group["rescale_grad"])
+    if rg <= 0:
+        raise ValueError(f"rescale_grad: expected a number > 0, got {rg}")
+    for name in ("lower_bound", "upper_bound"):
+        _check_optional_positive(name, group[name], " (use None for no bound)")
+    _check_optional_positive("max_trust_ratio", group["max_trust_ratio"])
+    mw = group["master_weights"]
+    if mw is not None and not isinstance(mw, bool):
+        raise TypeError(f"master_weights: expected None or a bool, got {type(mw).__name__}")
+    backend = group["backend"]
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+
+
+@dataclass
+class _Work:
+    """The parameters of one group that step together: one device, one dtype, one precision mode."""
+
+    group: Dict[str, Any]
+    params: List[torch.Tensor]
+    master: bool
+    backend: Any = None
+    grad_sumsq: Optional[torch.Tensor] = None
+
+
+class Lamb(Optimizer):
+    r"""LAMB (You et al., 2019) with fp32 master weights, loss scaling and MXNet-exact math.
+
+    For every parameter :math:`w` with gradient :math:`\nabla` and its own step count
+    :math:`t` (the parameter's own number of steps), with :math:`w` the fp32 master
+    weight when there is one:
+
+    .. math::
+        \begin{aligned}
+        s &= \mathrm{clip}\big(\nabla \cdot \rho \cdot \kappa,\ c\big)
+            && \rho = \texttt{rescale\_grad} / \text{loss scale},\ \kappa = \text{global-norm clip factor} \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) s,\qquad v \leftarrow \beta_2 v + (1-\beta_2) s^2
+            && (1-\beta_1 \to 1 \text{ without grad\_averaging}) \\
+        u &= \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon} + \lambda w
+            && \text{(Adam direction, then decoupled decay)} \\
+        r_1 &= \min(\max(\lVert w\rVert, \ell), h),\qquad r_2 = \lVert u \rVert
+            && \text{(MXNet's bounds on the weight norm)} \\
+        \eta &= \begin{cases} \gamma & r_1 = 0 \text{ or } r_2 = 0 \text{ or no layer adaptation} \\
+                               \gamma \cdot \min(r_1 / r_2, \tau) & \text{otherwise} \end{cases}
+            && \text{(trust ratio, capped by max\_trust\_ratio } \tau) \\
+        w &\leftarrow w - \eta\, u,\qquad \text{param} \leftarrow \mathrm{dtype}(w)
+        \end{aligned}
+
+    with :math:`\kappa = \min(1, \texttt{max\_grad\_norm} / \lVert \nabla \rho \rVert_{\text{all params}})`.
+    Elementwise arithmetic is float32 (float64 for float64 parameters), in exactly the
+    order of MXNet's ``lamb_update_phase1``/``phase2`` (see :mod:`mplamb.ops`).
+
+    Args (MXNet's ``mx.optimizer.LAMB`` name and the anchor each option comes from):
+        params: parameters or param groups; every option below can be set per group.
+        lr: learning rate :math:`\gamma` (MXNet ``learning_rate``).
+        betas: :math:`(\beta_1, \beta_2)` (MXNet ``beta1``, ``beta2``).
+        eps: :math:`\epsilon`, added to :math:`\sqrt{\hat v}` (MXNet ``epsilon``; default 1e-6 as MXNet).
+        weight_decay: :math:`\lambda`, decoupled, inside the trust ratio (MXNet ``wd``).
+        bias_correction: divide the moments by :math:`1-\beta^t` (MXNet, Apex).
+        grad_averaging: ``False`` accumulates :math:`m \leftarrow \beta_1 m + s` (Apex FusedLAMB).
+        max_grad_norm: clip the global gradient norm over all parameters of this optimizer
+            after unscaling (Apex, DeepSpeed, timm ``max_grad_norm``); ``None``: off.
+        clip_gradient: clip each gradient element to :math:`[-c, c]` after rescaling
+            (MXNet ``clip_gradient``); ``None``: off.
+        rescale_grad: fixed gradient scale :math:`\rho` (MXNet ``rescale_grad``, e.g. 1/batch size).
+        lower_bound, upper_bound: bounds :math:`\ell, h` on the weight norm :math:`r_1` (MXNet); ``None``: off.
+        max_trust_ratio: cap :math:`\tau` on :math:`r_1/r_2` (DeepSpeed ``max_coeff``, timm ``trust_clip``).
+        layer_adaptation: ``False`` uses the plain lr for the group (Apex ``use_nvlamb=False`` style
+            exclusion, TF-Addons ``exclude_from_layer_adaptation``).
+        master_weights: ``None``: fp32 masters for float16/bfloat16 parameters; ``False``: none
+            (the half weight is updated directly; moments stay fp32); ``True``: as ``None``.
+        backend: ``"auto"`` (fastest available for the device), ``"reference"`` or another name in
+            :data:`mplamb.kernels.BACKENDS`.
+
+    State (``opt.state[p]``): ``step`` (int64 tensor), ``exp_avg`` (m), ``exp_avg_sq`` (v), and
+    ``master_weight`` (fp32) for parameters with a master.  Moments are fp32 for half parameters.
+
+    Loss scaling: works with ``torch.amp.GradScaler`` (``scaler.step(opt)``); the optimizer takes
+    the scale into its kernels (the ``.grad`` tensors are never modified by it) and clips after
+    unscaling.  A step with any non-finite gradient is skipped entirely: parameters, masters,
+    moments and step counts stay bitwise unchanged and :attr:`skipped_steps` counts it.  The
+    decision costs one host synchronisation per step (free on CPU).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2).to(torch.bfloat16)
+        >>> opt = Lamb(model.parameters(), lr=1e-2, weight_decay=0.01)
+        >>> model(torch.randn(3, 4, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+        >>> opt.step()
+        >>> opt.state[model.weight]["master_weight"].dtype
+        torch.float32
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf instead of unscaling .grad
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        bias_correction: bool = True,
+        grad_averaging: bool = True,
+        max_grad_norm: Optional[float] = None,
+        clip_gradient: Optional[float] = None,
+        rescale_grad: float = 1.0,
+        lower_bound: Optional[float] = None,
+        upper_bound: Optional[float] = None,
+        max_trust_ratio: Optional[float] = None,
+        layer_adaptation: bool = True,
+        master_weights: Optional[bool] = None,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
+            weight_decay=weight_decay, bias_correction=bias_correction, grad_averaging=grad_averaging,
+            max_grad_norm=max_grad_norm, clip_gradient=clip_gradient, rescale_grad=rescale_grad,
+            lower_bound=lower_bound, upper_bound=upper_bound, max_trust_ratio=max_trust_ratio,
+            layer_adaptation=layer_adaptation, master_weights=master_weights, backend=backend,
+        )
+        check_group(defaults)
+        self.skipped_steps = 0
+        self.last_grad_norm: Optional[torch.Tensor] = None
+        self._last: List[Tuple[List[torch.Tensor], StepResult]] = []
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a param group; its options are validated (with the defaults filled in) first."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
+        full = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        check_group(full)
+        if "betas" in param_group and isinstance(param_group["betas"], list):
+            param_group = {**param_group, "betas": tuple(param_group["betas"])}
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+                raise TypeError(f"params: expected floating-point tensors, got {getattr(p, 'dtype', type(p))}")
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ step
+
+    def _uses_master(self, group: Dict[str, Any], p: torch.Tensor) -> bool:
+        return p.dtype in HALF_DTYPES and group["master_weights"] is not False
+
+    def _collect(self) -> List[_Work]:
+        """Validate every gradient and group the parameters that step together.  Mutates nothing."""
+        works: Dict[tuple, _Work] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise RuntimeError("Lamb does not support sparse gradients (the trust ratio needs the "
+                                       "whole gradient); use dense gradients, e.g. nn.Embedding(sparse=False)")
+                if grad.shape != p.shape:
+                    raise ValueError(f"grad: expected the parameter's shape {tuple(p.shape)}, got {tuple(grad.shape)}")
+                if grad.device != p.device:
+                    raise ValueError(f"grad: expected the parameter's device {p.device}, got {grad.device}")
+                if not grad.is_floating_point():
+                    raise TypeError(f"grad: expected a floating-point gradient, got {grad.dtype}")
+                master = self._uses_master(group, p)
+                key = (gi, p.device, p.dtype, master)
+                if key not in works:
+                    works[key] = _Work(group=group, params=[], master=master)
+                works[key].params.append(p)
+        out = list(works.values())
+        for w in out:
+            w.backend = get_backend(w.group["backend"], w.params[0].device)
+        return out
+
+    def _init_state(self, work: _Work) -> None:
+        for p in work.params:
+            state = self.state[p]
+            if len(state) > 0:
+                continue
+            state["step"] = torch.zeros((), dtype=torch.int64)
+            moment_dtype = torch.float32 if p.dtype in HALF_DTYPES else p.dtype
+            state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+            if work.master:
+                state["master_weight"] = p.detach().to(torch.float32, copy=True)
+
+    def _amp(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The inverse loss scale and found-inf flag GradScaler handed over, if any."""
+        scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        inv = None if scale is None else torch.reciprocal(scale.to(torch.float64))
+        return inv, found_inf
+
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One LAMB step over every parameter with a gradient (skipped if any gradient is non-finite)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        works = self._collect()
+        if not works:
+            return loss
+        inv_scale, found_inf = self._amp()
+        anchor = works[0].params[0].device
+
+        # Gradient norms: one pass over the gradients gives the global norm and the finite check.
+        total = torch.zeros((), dtype=torch.float64, device=anchor)
+        for w in works:
+            w.grad_sumsq = w.backend.grad_sum_of_squares([p.grad for p in w.params])
+            scale = float(w.group["rescale_grad"]) ** 2
+            total = total + w.grad_sumsq.sum().to(anchor) * scale
+        if inv_scale is not None:
+            total = total * inv_scale.to(anchor) ** 2
+        grad_norm = torch.sqrt(total)
+        bad = ~torch.isfinite(grad_norm)
+        if found_inf is not None:
+            bad = bad | (found_inf.to(anchor) > 0)
+        if bool(bad):  # the one host synchronisation of a step
+            self.skipped_steps += 1
+            return loss
+        self.last_grad_norm = grad_norm
+
+        self._last = []
+        for w in works:
+            self._init_state(w)
+            batch = self._batch(w, grad_norm, inv_scale)
+            result = w.backend.lamb_step(batch, local_reducer)
+            for p in w.params:
+                self.state[p]["step"] += 1
+            self._last.append((w.params, result))
+        return loss
+
+    def _batch(self, work: _Work, grad_norm: torch.Tensor, inv_scale: Optional[torch.Tensor]) -> LambBatch:
+        group = work.group
+        device = work.params[0].device
+        beta1, beta2 = group["betas"]
+        clip = group["clip_gradient"]
+        cache: Dict[tuple, Phase1Scalars] = {}
+        scalars = []
+        means, vars_, masters = [], [], []
+        for p in work.params:
+            state = self.state[p]
+            t = int(state["step"]) + 1
+            master = state.get("master_weight") if work.master else None
+            cdtype = compute_dtype((master if master is not None else p).dtype)
+            key = (t, cdtype)
+            if key not in cache:
+                cache[key] = phase1_scalars(
+                    t=t, wd=group["weight_decay"], beta1=beta1, beta2=beta2, epsilon=group["eps"],
+                    bias_correction=group["bias_correction"], rescale_grad=group["rescale_grad"],
+                    clip_gradient=-1.0 if clip is None else clip, dtype=cdtype,
+                    grad_averaging=group["grad_averaging"])
+            scalars.append(cache[key])
+            means.append(state["exp_avg"])
+            vars_.append(state["exp_avg_sq"])
+            masters.append(master)
+        rescale = None
+        max_norm = group["max_grad_norm"]
+        if inv_scale is not None or max_norm is not None:
+            factor = torch.full((), float(group["rescale_grad"]), dtype=torch.float64, device=device)
+            if inv_scale is not None:
+                factor = factor * inv_scale.to(device)
+            if max_norm is not None:
+                gn = grad_norm.to(device)
+                factor = factor * torch.where(gn > max_norm, max_norm / gn, torch.ones_like(gn))
+            rescale = factor.to(torch.float32)
+        lr = group["lr"]
+        lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+        return LambBatch(
+            weights=list(work.params), grads=[p.grad for p in work.params], means=means, vars=vars_,
+            masters=masters, outs=list(work.params), scalars=scalars, lrs=[lr] * len(work.params),
+            adapt=None if group["layer_adaptation"] else [False] * len(work.params),
+            lower_bound=group["lower_bound"], upper_bound=group["upper_bound"],
+            max_trust_ratio=group["max_trust_ratio"], rescale=rescale,
+        )
+
+    # ------------------------------------------------------------------ telemetry
+
+    def last_step_stats(self) -> Dict[str, Any]:
+        """Per-parameter statistics of the last applied step, as device tensors (no host sync).
+
+        Returns ``params`` (the parameters that stepped, in param-group order) and ``(n,)``
+        float64 tensors ``trust_ratio`` (:math:`\\eta/\\gamma`), ``step_size`` (:math:`\\eta`),
+        ``weight_norm`` (:math:`r_1` before the step, unbounded) and ``update_norm``
+        (:math:`r_2 = \\lVert u \\rVert`), on the device of the first parameter.
+        DeepSpeed's ``get_lamb_coeffs`` without one synchronisation per parameter.
+        """
+        if not self._last:
+            return {"params": [], "trust_ratio": torch.zeros(0, dtype=torch.float64),
+                    "step_size": torch.zeros(0, dtype=torch.float64),
+                    "weight_norm": torch.zeros(0, dtype=torch.float64),
+                    "update_norm": torch.zeros(0, dtype=torch.float64)}
+        device = self._last[0][1].sumsq.device
+        order = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        entries = []
+        for params, res in self._last:
+            for j, p in enumerate(params):
+                entries.append((order[id(p)], p, res, j))
+        entries.sort(key=lambda e: e[0])
+
+        def gather(fn):
+            parts = [fn(res)[j:j + 1].to(device, non_blocking=True) for _, _, res, j in entries]
+            return torch.cat(parts)
+
+        return {
+            "params": [e[1] for e in entries],
+            "trust_ratio": gather(lambda r: r.trust_ratios),
+            "step_size": gather(lambda r: r.step_sizes),
+            "weight_norm": gather(lambda r: r.weight_norms),
+            "update_norm": gather(lambda r: r.update_norms),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``torch.optim`` state dict plus ``"mplamb": {"skipped_steps": n}``; masters included."""
+        sd = super().state_dict()
+        sd["mplamb"] = {"skipped_steps": self.skipped_steps}
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, keeping every state tensor's dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the
+        parameter's dtype, which would round the fp32 masters and moments of a bf16 model
+        to bf16; here they are restored exactly (moved to the parameter's device only).
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict: expected a dict with 'state' and 'param_groups' (from Lamb.state_dict())")
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("mplamb", {}) or {}
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict: has {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(f"state_dict: param group {i} has {len(sg['params'])} parameters, this "
+                                 f"optimizer's has {len(g['params'])}")
+            check_group({**self.defaults, **{k: v for k, v in sg.items() if k != "params"}})
+        ids = [pid for sg in saved_groups for pid in sg["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            st = state_dict["state"].get(pid)
+            if st is None:
+                continue
+            for k in ("exp_avg", "exp_avg_sq", "master_weight"):
+                v = st.get(k)
+                if v is not None and (not isinstance(v, torch.Tensor) or v.shape != p.shape):
+                    raise ValueError(f"state_dict: state {k!r} of a parameter of shape {tuple(p.shape)} has "
+                                     f"shape {tuple(getattr(v, 'shape', ()))}")
+        super().load_state_dict(state_dict)
+        for pid, p in zip(ids, params):
+            st = state_dict["state"].get(pid)
+            if st is None:
+                continue
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and k != "step":
+                    self.state[p][k] = v.detach().to(device=p.device, copy=True)
+                elif k == "step":
+                    self.state[p][k] = torch.as_tensor(v).detach().to(torch.int64).clone().cpu()
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
