@@ -324,7 +324,7 @@ class Lamb(Optimizer):
             if max_norm is not None:
                 gn = grad_norm.to(device)
                 factor = factor * torch.where(gn > max_norm, max_norm / gn, torch.ones_like(gn))
-            rescale = factor.to(torch.float32)
+            rescale = factor.to(compute_dtype(work.params[0].dtype))
         lr = group["lr"]
         lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
         return LambBatch(
