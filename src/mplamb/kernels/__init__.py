@@ -27,10 +27,11 @@ __all__ = ["LambBatch", "NormReducer", "StepResult", "local_reducer", "get_backe
 # public name -> module of this package
 BACKENDS: Dict[str, str] = {
     "reference": "reference",
+    "fused_cpu": "fused_cpu",
 }
 
 # Preference order of "auto" per device type (first available wins).
-_AUTO_ORDER = {"cpu": ["reference"], "cuda": ["reference"]}
+_AUTO_ORDER = {"cpu": ["fused_cpu", "reference"], "cuda": ["reference"]}
 
 
 def _module(name: str) -> ModuleType | None:

@@ -1,0 +1,197 @@
+"""The fused CPU backend: two multi-threaded passes per step (numba), bounded temporaries.
+
+Launch logic for :mod:`.fused_cpu_kernels`.  Tensors are handed to the kernels as raw
+addresses, so a step costs no per-tensor Python work beyond collecting addresses and
+one scalar table.  Tensors the kernels cannot take directly are handled explicitly:
+
+* non-contiguous gradients (read only) are copied to contiguous memory;
+* non-contiguous tensors that the step writes go through a contiguous temporary that is
+  copied back after the step (never a silent copy that the update would land on);
+* float16/bfloat16 *moments* (only the operators' float16-without-master form, D6) are
+  delegated to the reference backend.
+
+Arithmetic is bit-identical to :mod:`.reference` (same operations, same order, no FMA).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .._validate import HALF_DTYPES
+from . import reference
+from .contract import LambBatch, NormReducer, StepResult, finish_norms, local_reducer
+
+try:
+    import numpy as np
+    import numba
+
+    from . import fused_cpu_kernels as K
+
+    AVAILABLE = True
+except ImportError:  # numba is an optional dependency (extra "fast")
+    AVAILABLE = False
+
+__all__ = ["AVAILABLE", "supports_device", "lamb_step", "grad_sum_of_squares", "warm_up"]
+
+
+def supports_device(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+if AVAILABLE:
+    _MARK = {torch.float32: np.float32(0), torch.float64: np.float64(0),
+             torch.bfloat16: np.uint16(0), torch.float16: np.int16(0)}
+
+
+def _threads() -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+@functools.lru_cache(maxsize=64)
+def _chunks(sizes: Tuple[int, ...]):
+    """Chunk table (tensor index, start, length) covering every tensor of ``sizes``."""
+    sz = np.asarray(sizes, dtype=np.int64)
+    counts = (sz + K.CHUNK - 1) // K.CHUNK
+    tensor = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    start = (np.arange(tensor.shape[0], dtype=np.int64) - first) * K.CHUNK
+    length = np.minimum(K.CHUNK, sz[tensor] - start) if tensor.shape[0] else np.zeros(0, np.int64)
+    return tensor, start, length
+
+
+def _addresses(tensors: Sequence[torch.Tensor]) -> "np.ndarray":
+    return np.fromiter((t.data_ptr() for t in tensors), dtype=np.int64, count=len(tensors))
+
+
+class _Staging:
+    """Contiguous stand-ins for non-contiguous tensors, copied back on :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self._back: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._by_id: Dict[int, torch.Tensor] = {}
+
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.is_contiguous() else self._by_id.setdefault(id(t), t.contiguous())
+
+    def write(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_contiguous():
+            return t
+        if id(t) not in self._by_id:
+            tmp = t.contiguous()
+            self._by_id[id(t)] = tmp
+            self._back.append((t, tmp))
+        return self._by_id[id(t)]
+
+    def finish(self) -> None:
+        for t, tmp in self._back:
+            t.copy_(tmp)
+
+
+def _scalar_tables(batch: LambBatch, idx: List[int], cdtype: torch.dtype):
+    npdt = np.float64 if cdtype == torch.float64 else np.float32
+    scal = np.empty((len(idx), 8), dtype=npdt)
+    bias = np.zeros((len(idx), 2), dtype=np.float64)
+    override = None if batch.rescale is None else float(batch.rescale)
+    rows: Dict[int, tuple] = {}
+    for r, i in enumerate(idx):
+        sc = batch.scalars[i]
+        key = id(sc)
+        if key not in rows:
+            rows[key] = ((sc.rescale if override is None else override, -1.0 if sc.clip is None else sc.clip,
+                          sc.beta1, sc.beta2, sc.one_minus_beta1, sc.one_minus_beta2, sc.epsilon, sc.wd),
+                         (0.0, 0.0) if sc.bias1 is None else (sc.bias1, sc.bias2))
+        scal[r], bias[r] = rows[key]
+    return scal, bias
+
+
+def _partition(batch: LambBatch) -> Dict[tuple, List[int]]:
+    parts: Dict[tuple, List[int]] = {}
+    for i in range(len(batch.weights)):
+        src = batch.decay_source(i)
+        key = (src.dtype, batch.grads[i].dtype, batch.means[i].dtype, batch.masters[i] is not None,
+               batch.outs[i].dtype)
+        parts.setdefault(key, []).append(i)
+    return parts
+
+
+def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
+    """One fused LAMB step over ``batch`` (see :class:`~mplamb.kernels.contract.LambBatch`)."""
+    if any(m.dtype in HALF_DTYPES for m in batch.means):
+        return reference.lamb_step(batch, reducer)
+    _threads()
+    n = len(batch.weights)
+    stage = _Staging()
+    parts = _partition(batch)
+    plans = []
+    sumsq = np.zeros((2, n), dtype=np.float64)
+    for (src_dtype, g_dtype, m_dtype, has_master, o_dtype), idx in parts.items():
+        srcs = [stage.write(batch.decay_source(i)) if has_master else stage.read(batch.weights[i]) for i in idx]
+        outs = []
+        for i, src in zip(idx, srcs):
+            o = batch.outs[i]
+            # out=weight (in place): the staged weight is the output
+            outs.append(src if (not has_master and o is batch.weights[i]) else stage.write(o))
+        grads = [stage.read(batch.grads[i]) for i in idx]
+        means = [stage.write(batch.means[i]) for i in idx]
+        vars_ = [stage.write(batch.vars[i]) for i in idx]
+        sizes = tuple(t.numel() for t in srcs)
+        ct, cs, cl = _chunks(sizes)
+        cdtype = torch.float64 if m_dtype == torch.float64 else torch.float32
+        scal, bias = _scalar_tables(batch, idx, cdtype)
+        sz = np.asarray(sizes, dtype=np.int64)
+        w_addr, m_addr, v_addr = _addresses(srcs), _addresses(means), _addresses(vars_)
+        partial = np.empty((ct.shape[0], 2), dtype=np.float64)
+        K.phase1_pass(w_addr, _addresses(grads), m_addr, v_addr, sz, _MARK[src_dtype], _MARK[g_dtype],
+                      _MARK[m_dtype], scal, bias, ct, cs, cl, partial)
+        sumsq[:, idx] = K.sum_chunks(partial, ct, len(idx))
+        plans.append((idx, w_addr, m_addr, v_addr, _addresses(outs), sz, src_dtype, m_dtype, o_dtype, has_master,
+                      scal, bias, ct, cs, cl))
+    sumsq_t, steps, ratios = finish_norms(batch, torch.from_numpy(sumsq), reducer)
+    steps_np = steps.numpy()
+    for (idx, w_addr, m_addr, v_addr, o_addr, sz, src_dtype, m_dtype, o_dtype, has_master, scal, bias,
+         ct, cs, cl) in plans:
+        K.phase2_pass(w_addr, m_addr, v_addr, o_addr, sz, _MARK[src_dtype], _MARK[m_dtype], _MARK[o_dtype],
+                      has_master, scal, bias, np.ascontiguousarray(steps_np[idx]), ct, cs, cl)
+    stage.finish()
+    return StepResult(sumsq=sumsq_t, step_sizes=steps, trust_ratios=ratios)
+
+
+def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor ``sum(grad**2)`` in float64, shape ``(n,)`` (one parallel pass)."""
+    n = len(grads)
+    out = np.zeros(n, dtype=np.float64)
+    if n == 0:
+        return torch.from_numpy(out)
+    _threads()
+    stage = _Staging()
+    by_dtype: Dict[torch.dtype, List[int]] = {}
+    for i, g in enumerate(grads):
+        by_dtype.setdefault(g.dtype, []).append(i)
+    for dtype, idx in by_dtype.items():
+        gs = [stage.read(grads[i]) for i in idx]
+        sizes = tuple(g.numel() for g in gs)
+        ct, cs, cl = _chunks(sizes)
+        partial = np.empty((ct.shape[0], 1), dtype=np.float64)
+        K.grad_sumsq_pass(_addresses(gs), np.asarray(sizes, dtype=np.int64), _MARK[dtype], ct, cs, cl, partial)
+        out[idx] = K.sum_chunks(partial, ct, len(idx))[0]
+    return torch.from_numpy(out)
+
+
+def warm_up(dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)) -> None:
+    """Compile (or load from numba's on-disk cache) the kernels for the usual dtype combinations."""
+    from .._scalars import phase1_scalars
+
+    for dt in dtypes:
+        master = dt in HALF_DTYPES
+        w = torch.zeros(3, dtype=dt)
+        src = w.float() if master else w
+        mdt = torch.float64 if dt == torch.float64 else torch.float32
+        sc = phase1_scalars(t=1, wd=0.0, beta1=0.9, beta2=0.999, epsilon=1e-6, bias_correction=True,
+                            rescale_grad=1.0, clip_gradient=-1.0, dtype=mdt)
+        batch = LambBatch(weights=[w], grads=[torch.zeros(3, dtype=dt)], means=[torch.zeros(3, dtype=mdt)],
+                          vars=[torch.zeros(3, dtype=mdt)], masters=[src if master else None], outs=[w],
+                          scalars=[sc], lrs=[0.0])
+        lamb_step(batch)
+        grad_sum_of_squares([w])

@@ -1,0 +1,258 @@
+"""numba kernels of the fused CPU backend (the launch logic is in :mod:`.fused_cpu`).
+
+Two passes over memory per step, parallel over fixed-size chunks of all tensors:
+
+* :func:`phase1_pass`: reads grad, mean, var and the decay source ``w`` (the fp32 master
+  or the weight), writes the new mean and var, and accumulates per-chunk float64 sums of
+  ``w**2`` and ``g**2`` where ``g`` is the phase-1 direction (never stored);
+* :func:`phase2_pass`: recomputes ``g`` from the stored mean/var and ``w``, writes
+  ``w - step * g`` to ``w`` (or the output) and, with a master, the rounded weight.
+
+The elementwise math is the reference's, operation for operation, in the compute
+dtype (float32, or float64 for float64 tensors); no fast-math flags, so LLVM neither
+reassociates nor contracts into FMAs and results are bit-identical to the reference.
+Half-precision tensors arrive as raw 16-bit patterns: bfloat16 as ``uint16`` and
+float16 as ``int16`` arrays (numba has no CPU float16); :func:`load` widens them
+exactly and :func:`store` rounds to nearest-even as torch does.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+CHUNK = 8192  # elements per parallel work item; the only temporary is one such buffer per chunk
+
+
+# ------------------------------------------------------------------ low-level helpers
+
+@intrinsic
+def _pointer(typingctx, address, marker):
+    """``address`` (int64) as a typed pointer to elements of ``marker``'s type."""
+    ptr_type = types.CPointer(marker)
+    sig = ptr_type(address, marker)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr_type))
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_from_f32(typingctx, value):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def view(address, size, marker):
+    """The ``size`` elements at ``address`` as a 1-d array of ``marker``'s type."""
+    return carray(_pointer(address, marker), (size,))
+
+
+def load(x):  # pragma: no cover - replaced by the overload below inside numba
+    raise NotImplementedError
+
+
+def store(x, marker):  # pragma: no cover
+    raise NotImplementedError
+
+
+def cast_like(x, ref):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(cast_like, inline="always")
+def _cast_like(x, ref):
+    if ref == types.float32:
+        return lambda x, ref: np.float32(x)
+    if ref == types.float64:
+        return lambda x, ref: np.float64(x)
+    return None
+
+
+@overload(load, inline="always")
+def _load(x):
+    if x == types.float32 or x == types.float64:
+        return lambda x: x
+    if x == types.uint16:  # bfloat16 bits: exact widening
+        return lambda x: _f32_from_bits(np.uint32(x) << np.uint32(16))
+    if x == types.int16:  # float16 bits (branch-free widening, F. Giesen's half_to_float)
+        def f16(x):
+            h = np.uint32(np.uint16(x))
+            o = (h & np.uint32(0x7FFF)) << np.uint32(13)
+            exp = o & np.uint32(0x0F800000)
+            o = o + np.uint32(112 << 23) + np.uint32(112 << 23) * np.uint32(exp == np.uint32(0x0F800000))  # inf/NaN
+            subnormal = _bits_from_f32(_f32_from_bits(o + np.uint32(1 << 23)) - _f32_from_bits(np.uint32(113 << 23)))
+            is_sub = np.uint32(0) - np.uint32(exp == np.uint32(0))  # all ones for subnormals and zero
+            value = (subnormal & is_sub) | (o & ~is_sub)  # branch-free select
+            return _f32_from_bits(value | ((h & np.uint32(0x8000)) << np.uint32(16)))
+        return f16
+    return None
+
+
+@overload(store, inline="always")
+def _store(x, marker):
+    if marker == types.float32:
+        return lambda x, marker: np.float32(x)
+    if marker == types.float64:
+        return lambda x, marker: np.float64(x)
+    if marker == types.uint16:  # float32 -> bfloat16, round to nearest even, NaN -> 0x7FC0 (torch's rule)
+        def bf16(x, marker):
+            u = _bits_from_f32(x)
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                return np.uint16(0x7FC0)
+            return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        return bf16
+    if marker == types.int16:  # float32 -> float16, round to nearest even (F. Giesen's float_to_half_rtne)
+        def f16(x, marker):
+            u = _bits_from_f32(x)
+            sign = u & np.uint32(0x80000000)
+            a = u ^ sign
+            big = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)  # NaN / inf or overflow
+            magic = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)
+            small = _bits_from_f32(_f32_from_bits(a) + _f32_from_bits(magic)) - magic  # subnormal or zero
+            odd = (a >> np.uint32(13)) & np.uint32(1)
+            normal = (a + np.uint32(0xC8000FFF) + odd) >> np.uint32(13)  # ((15 - 127) << 23) + 0xfff, mod 2**32
+            o = big if a >= np.uint32((127 + 16) << 23) else (small if a < np.uint32(113 << 23) else normal)
+            return np.int16(np.uint16(o | (sign >> np.uint32(16))))
+        return f16
+    return None
+
+
+# ------------------------------------------------------------------ the math (shared by both passes)
+
+@njit(inline="always")
+def _direction(m, v, w, eps, wd, bias1, bias2):
+    """``g = mean_hat / (sqrt(var_hat) + eps) + wd * w`` in the compute dtype (bias1 == 0: no correction)."""
+    if bias1 != 0.0:
+        m = cast_like(np.float64(m) / bias1, v)
+        v = v / bias2
+    return m / (np.sqrt(v) + eps) + w * wd
+
+
+@njit(inline="always")
+def _sumsq(buf, n):
+    """float64 sum of squares of ``buf[:n]`` with eight independent accumulators."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    n8 = n - n % 8
+    for j in range(0, n8, 8):
+        x0 = np.float64(buf[j]); x1 = np.float64(buf[j + 1]); x2 = np.float64(buf[j + 2]); x3 = np.float64(buf[j + 3])
+        x4 = np.float64(buf[j + 4]); x5 = np.float64(buf[j + 5]); x6 = np.float64(buf[j + 6]); x7 = np.float64(buf[j + 7])
+        a0 += x0 * x0; a1 += x1 * x1; a2 += x2 * x2; a3 += x3 * x3
+        a4 += x4 * x4; a5 += x5 * x5; a6 += x6 * x6; a7 += x7 * x7
+    for j in range(n8, n):
+        x = np.float64(buf[j])
+        a0 += x * x
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+# ------------------------------------------------------------------ passes
+
+@njit(parallel=True, cache=True)
+def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
+                scal, bias, chunk_tensor, chunk_start, chunk_len, partial):
+    """Phase 1 + local squared norms.  ``scal[i]`` = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2,
+    eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2) as float64 (0: off).
+    ``partial[k]`` receives (sum w**2, sum g**2) of chunk ``k``."""
+    for k in prange(chunk_tensor.shape[0]):
+        i = chunk_tensor[k]
+        s0 = chunk_start[k]
+        n = chunk_len[k]
+        size = sizes[i]
+        w = view(w_addr[i], size, w_mark)[s0:s0 + n]
+        g = view(g_addr[i], size, g_mark)[s0:s0 + n]
+        mean = view(m_addr[i], size, m_mark)[s0:s0 + n]
+        var = view(v_addr[i], size, m_mark)[s0:s0 + n]
+        rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
+            scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
+        bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
+        dirs = np.empty(n, dtype=scal.dtype)
+        wsq = np.empty(n, dtype=scal.dtype)
+        for j in range(n):
+            s = load(g[j]) * rescale
+            if clip > 0:
+                s = clip if s > clip else s
+                s = -clip if s < -clip else s
+            m = mean[j] * b1 + s * omb1
+            v = var[j] * b2 + (s * omb2) * s
+            mean[j] = m
+            var[j] = v
+            wj = load(w[j])
+            wsq[j] = wj
+            dirs[j] = _direction(m, v, wj, eps, wd, bias1, bias2)
+        partial[k, 0] = _sumsq(wsq, n)
+        partial[k, 1] = _sumsq(dirs, n)
+
+
+@njit(parallel=True, cache=True)
+def phase2_pass(w_addr, m_addr, v_addr, o_addr, sizes, w_mark, m_mark, o_mark, write_w,
+                scal, bias, steps, chunk_tensor, chunk_start, chunk_len):
+    """Phase 2: ``new = w - step * g`` with ``g`` recomputed from the new mean/var and ``w``;
+    ``new`` is written to the output and, with ``write_w`` (a master weight), to ``w`` as well."""
+    for k in prange(chunk_tensor.shape[0]):
+        i = chunk_tensor[k]
+        s0 = chunk_start[k]
+        n = chunk_len[k]
+        size = sizes[i]
+        w = view(w_addr[i], size, w_mark)[s0:s0 + n]
+        mean = view(m_addr[i], size, m_mark)[s0:s0 + n]
+        var = view(v_addr[i], size, m_mark)[s0:s0 + n]
+        out = view(o_addr[i], size, o_mark)[s0:s0 + n]
+        eps, wd = scal[i, 6], scal[i, 7]
+        bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
+        step = cast_like(steps[i], eps)
+        for j in range(n):
+            wj = load(w[j])
+            new = wj - step * _direction(mean[j], var[j], wj, eps, wd, bias1, bias2)
+            if write_w:
+                w[j] = store(new, w_mark)
+            out[j] = store(new, o_mark)
+
+
+@njit(parallel=True, cache=True)
+def grad_sumsq_pass(g_addr, sizes, g_mark, chunk_tensor, chunk_start, chunk_len, partial):
+    """Per-chunk float64 sums of squares of raw gradients."""
+    for k in prange(chunk_tensor.shape[0]):
+        i = chunk_tensor[k]
+        s0 = chunk_start[k]
+        n = chunk_len[k]
+        g = view(g_addr[i], sizes[i], g_mark)[s0:s0 + n]
+        acc = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        a3 = 0.0
+        n4 = n - n % 4
+        for j in range(0, n4, 4):
+            x0 = np.float64(load(g[j])); x1 = np.float64(load(g[j + 1]))
+            x2 = np.float64(load(g[j + 2])); x3 = np.float64(load(g[j + 3]))
+            acc += x0 * x0; a1 += x1 * x1; a2 += x2 * x2; a3 += x3 * x3
+        for j in range(n4, n):
+            x = np.float64(load(g[j]))
+            acc += x * x
+        partial[k, 0] = (acc + a1) + (a2 + a3)
+
+
+@njit(cache=True)
+def sum_chunks(partial, chunk_tensor, n_tensors):
+    """Per-tensor sums of per-chunk partials, in chunk order (deterministic)."""
+    out = np.zeros((partial.shape[1], n_tensors), dtype=np.float64)
+    for k in range(chunk_tensor.shape[0]):
+        for c in range(partial.shape[1]):
+            out[c, chunk_tensor[k]] += partial[k, c]
+    return out

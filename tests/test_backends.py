@@ -1,0 +1,181 @@
+"""Every backend against the reference backend, through the kernel contract.
+
+Tolerances: the moments are bit-identical (the fused kernels perform the reference's
+operations in the same order, without FMA contraction).  The float64 sums of squares
+may differ in the last bits (another summation order: <= 1e-12 relative), so the step
+sizes and the weights can too: float64 weights within 1e-13, float32 within 2**-22,
+half-precision outputs within one ULP (1e-2 relative) — and bit-identical whenever the
+norms came out bit-identical, which is the usual case for float32.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mplamb._scalars import phase1_scalars
+from mplamb.kernels import LambBatch, available_backends, get_backend
+
+OTHER = [b for b in available_backends("cpu") if b != "reference"]
+SHAPES = [(0,), (), (1,), (7,), (33, 17), (20000,), (3, 1, 5), (8193,)]
+
+
+def build(seed, weight_dtype, master, shapes, *, layout="contiguous", out_mode="inplace", hp=None):
+    g = torch.Generator().manual_seed(seed)
+    hp = hp or {}
+    cdtype = torch.float64 if weight_dtype == torch.float64 else torch.float32
+    state_dtype = cdtype
+    ws, gs, ms, vs, masters, outs, scalars = [], [], [], [], [], [], []
+    for k, s in enumerate(shapes):
+        def rnd(dt, positive=False, scale=1.0):
+            if layout == "strided" and len(s) >= 1 and s[-1] > 0:
+                x = torch.randn((*s[:-1], 2 * s[-1]), generator=g, dtype=torch.float64)[..., ::2]
+            else:
+                x = torch.randn(s, generator=g, dtype=torch.float64)
+            x = (x.abs() if positive else x) * scale
+            out = torch.empty_strided(x.shape, x.stride(), dtype=dt)
+            out.copy_(x)
+            return out
+        w32 = rnd(torch.float32 if master else weight_dtype)
+        w = w32.to(weight_dtype) if master else w32
+        ws.append(w)
+        gs.append(rnd(weight_dtype, scale=3.0))
+        ms.append(rnd(state_dtype, scale=0.1))
+        vs.append(rnd(state_dtype, positive=True, scale=0.1))
+        masters.append(w32 if master else None)
+        outs.append(w if (master or out_mode == "inplace") else torch.zeros_like(w))
+        scalars.append(phase1_scalars(t=1 + 7 * k, wd=hp.get("wd", 0.01), beta1=hp.get("beta1", 0.9),
+                                      beta2=hp.get("beta2", 0.999), epsilon=hp.get("epsilon", 1e-6),
+                                      bias_correction=hp.get("bias_correction", True),
+                                      rescale_grad=hp.get("rescale_grad", 1.0),
+                                      clip_gradient=hp.get("clip_gradient", -1.0), dtype=cdtype,
+                                      grad_averaging=hp.get("grad_averaging", True)))
+    rescale = hp.get("rescale_tensor")
+    return LambBatch(weights=ws, grads=gs, means=ms, vars=vs, masters=masters, outs=outs, scalars=scalars,
+                     lrs=[0.01 * (k + 1) for k in range(len(shapes))],
+                     adapt=hp.get("adapt"), lower_bound=hp.get("lower_bound"), upper_bound=hp.get("upper_bound"),
+                     max_trust_ratio=hp.get("max_trust_ratio"),
+                     rescale=None if rescale is None else torch.tensor(rescale, dtype=cdtype))
+
+
+def tensors(batch):
+    """(tensor, is_moment) for every tensor a step may write."""
+    out = []
+    for i in range(len(batch.weights)):
+        out += [(batch.weights[i], False), (batch.means[i], True), (batch.vars[i], True), (batch.outs[i], False)]
+        if batch.masters[i] is not None:
+            out.append((batch.masters[i], False))
+    return out
+
+
+RTOL = {torch.float64: 1e-13, torch.float32: 2.0**-22, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def assert_same(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), what
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    assert bool(same.all()), f"{what}: {int((~same).sum())} elements differ"
+
+
+def run_both(backend, **kw):
+    ref_batch, fast_batch = build(**kw), build(**kw)
+    ref = get_backend("reference").lamb_step(ref_batch)
+    fast = get_backend(backend).lamb_step(fast_batch)
+    exact_norms = torch.equal(fast.step_sizes, ref.step_sizes)
+    for k, ((a, moment), (b, _)) in enumerate(zip(tensors(ref_batch), tensors(fast_batch))):
+        if moment or exact_norms:
+            assert_same(b, a, f"tensor {k}")
+        else:
+            scale = float(a.double().abs().max()) if a.numel() else 0.0  # cancellation near zero: absolute
+            torch.testing.assert_close(b, a, rtol=RTOL[a.dtype], atol=RTOL[a.dtype] * scale, equal_nan=True)
+    torch.testing.assert_close(fast.sumsq, ref.sumsq, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fast.step_sizes, ref.step_sizes, rtol=1e-6, atol=0, equal_nan=True)
+    return ref, fast
+
+
+DTYPE_MODES = [(torch.float32, False), (torch.float64, False), (torch.bfloat16, True), (torch.float16, True),
+               (torch.bfloat16, False)]
+
+
+@pytest.mark.parametrize("backend", OTHER)
+@pytest.mark.parametrize("dtype,master", DTYPE_MODES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_backend_matches_reference_on_mixed_shapes(backend, dtype, master, layout):
+    run_both(backend, seed=0, weight_dtype=dtype, master=master, shapes=SHAPES, layout=layout)
+
+
+@pytest.mark.parametrize("backend", OTHER)
+def test_backend_out_not_in_place(backend):
+    ref_batch = build(seed=3, weight_dtype=torch.float32, master=False, shapes=SHAPES, out_mode="new")
+    before = [w.clone() for w in ref_batch.weights]
+    get_backend(backend).lamb_step(ref_batch)
+    for w, b in zip(ref_batch.weights, before):
+        assert torch.equal(w, b)  # only out is written
+    run_both(backend, seed=3, weight_dtype=torch.float32, master=False, shapes=SHAPES, out_mode="new")
+
+
+HP = st.fixed_dictionaries({
+    "wd": st.sampled_from([0.0, 0.1]),
+    "beta1": st.sampled_from([0.0, 0.9]),
+    "beta2": st.sampled_from([0.0, 0.999]),
+    "epsilon": st.sampled_from([0.0, 1e-6]),
+    "bias_correction": st.booleans(),
+    "rescale_grad": st.sampled_from([1.0, 2.0**-7]),
+    "clip_gradient": st.sampled_from([-1.0, 0.5]),
+    "grad_averaging": st.booleans(),
+    "lower_bound": st.sampled_from([None, 0.5]),
+    "upper_bound": st.sampled_from([None, 2.0]),
+    "max_trust_ratio": st.sampled_from([None, 0.7]),
+    "rescale_tensor": st.sampled_from([None, 0.25]),
+    "adapt": st.sampled_from([None, [False, True, True]]),
+})
+
+
+@pytest.mark.parametrize("backend", OTHER)
+@pytest.mark.parametrize("dtype,master", DTYPE_MODES[:4])
+@given(hp=HP, seed=st.integers(0, 1000))
+@settings(max_examples=8, deadline=None)
+def test_backend_matches_reference_hyper_parameters(backend, dtype, master, hp, seed):
+    run_both(backend, seed=seed, weight_dtype=dtype, master=master, shapes=[(5,), (300,), (1,)], hp=hp)
+
+
+@pytest.mark.parametrize("backend", OTHER)
+def test_backend_non_finite_values(backend):
+    """NaN/inf gradients flow through exactly as in the reference (the operators do not skip)."""
+    def build_bad(**kw):
+        b = build(**kw)
+        b.grads[1].view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30])
+        return b
+
+    for dtype, master in [(torch.float32, False), (torch.bfloat16, True)]:
+        ref_b = build_bad(seed=1, weight_dtype=dtype, master=master, shapes=[(5,), (9,)])
+        fast_b = build_bad(seed=1, weight_dtype=dtype, master=master, shapes=[(5,), (9,)])
+        get_backend("reference").lamb_step(ref_b)
+        get_backend(backend).lamb_step(fast_b)
+        for (a, _), (b, _) in zip(tensors(ref_b), tensors(fast_b)):
+            assert_same(b, a, "non-finite")
+
+
+@pytest.mark.parametrize("backend", OTHER)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_grad_sum_of_squares(backend, dtype):
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=g).to(dtype) for s in [(0,), (), (5,), (20001,)]]
+    grads.append(torch.randn(40, 30, generator=g).to(dtype).t())  # non-contiguous
+    ref = get_backend("reference").grad_sum_of_squares(grads)
+    got = get_backend(backend).grad_sum_of_squares(grads)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", OTHER)
+def test_backend_is_deterministic(backend):
+    runs = []
+    for _ in range(2):
+        b = build(seed=5, weight_dtype=torch.bfloat16, master=True, shapes=[(100_000,), (3, 7)])
+        get_backend(backend).lamb_step(b)
+        runs.append([t for t, _ in tensors(b)])
+    for a, b in zip(*runs):
+        assert torch.equal(a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b)
