@@ -152,8 +152,16 @@ def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepRes
     steps_np = steps.numpy()
     for (idx, w_addr, m_addr, v_addr, o_addr, sz, src_dtype, m_dtype, o_dtype, has_master, scal, bias,
          ct, cs, cl) in plans:
-        K.phase2_pass(w_addr, m_addr, v_addr, o_addr, sz, _MARK[src_dtype], _MARK[m_dtype], _MARK[o_dtype],
-                      has_master, scal, bias, np.ascontiguousarray(steps_np[idx]), ct, cs, cl)
+        steps_i = np.ascontiguousarray(steps_np[idx])
+        if has_master:
+            K.phase2_master_pass(w_addr, m_addr, v_addr, o_addr, sz, _MARK[src_dtype], _MARK[m_dtype],
+                                 _MARK[o_dtype], scal, bias, steps_i, ct, cs, cl)
+        elif np.array_equal(w_addr, o_addr) and src_dtype == o_dtype:
+            K.phase2_inplace_pass(w_addr, m_addr, v_addr, sz, _MARK[src_dtype], _MARK[m_dtype], scal, bias,
+                                  steps_i, ct, cs, cl)
+        else:
+            K.phase2_out_pass(w_addr, m_addr, v_addr, o_addr, sz, _MARK[src_dtype], _MARK[m_dtype],
+                              _MARK[o_dtype], scal, bias, steps_i, ct, cs, cl)
     stage.finish()
     return StepResult(sumsq=sumsq_t, step_sizes=steps, trust_ratios=ratios)
 

@@ -5,8 +5,8 @@ Two passes over memory per step, parallel over fixed-size chunks of all tensors:
 * :func:`phase1_pass`: reads grad, mean, var and the decay source ``w`` (the fp32 master
   or the weight), writes the new mean and var, and accumulates per-chunk float64 sums of
   ``w**2`` and ``g**2`` where ``g`` is the phase-1 direction (never stored);
-* :func:`phase2_pass`: recomputes ``g`` from the stored mean/var and ``w``, writes
-  ``w - step * g`` to ``w`` (or the output) and, with a master, the rounded weight.
+* ``phase2_*_pass``: recomputes ``g`` from the stored mean/var and ``w`` and writes
+  ``w - step * g`` in place, to the master and the rounded weight, or to an output.
 
 The elementwise math is the reference's, operation for operation, in the compute
 dtype (float32, or float64 for float64 tensors); no fast-math flags, so LLVM neither
@@ -146,20 +146,16 @@ def _direction(m, v, w, eps, wd, bias1, bias2):
     return m / (np.sqrt(v) + eps) + w * wd
 
 
-@njit(inline="always")
-def _sumsq(buf, n):
-    """float64 sum of squares of ``buf[:n]`` with eight independent accumulators."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    n8 = n - n % 8
-    for j in range(0, n8, 8):
-        x0 = np.float64(buf[j]); x1 = np.float64(buf[j + 1]); x2 = np.float64(buf[j + 2]); x3 = np.float64(buf[j + 3])
-        x4 = np.float64(buf[j + 4]); x5 = np.float64(buf[j + 5]); x6 = np.float64(buf[j + 6]); x7 = np.float64(buf[j + 7])
-        a0 += x0 * x0; a1 += x1 * x1; a2 += x2 * x2; a3 += x3 * x3
-        a4 += x4 * x4; a5 += x5 * x5; a6 += x6 * x6; a7 += x7 * x7
-    for j in range(n8, n):
-        x = np.float64(buf[j])
-        a0 += x * x
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+@njit(fastmath={"reassoc", "contract"})
+def sum_of_squares(x):
+    """float64 ``sum(x**2)`` of one chunk.  Only this reduction may be reassociated (and so
+    vectorised); the sum order is fixed by the compiled code, so results are deterministic.
+    No ``nnan``/``ninf`` flags: NaN and inf propagate, which the non-finite check relies on."""
+    acc = 0.0
+    for j in range(x.shape[0]):
+        v = np.float64(load(x[j]))
+        acc += v * v
+    return acc
 
 
 # ------------------------------------------------------------------ passes
@@ -182,8 +178,7 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
         rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
         bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
-        dirs = np.empty(n, dtype=scal.dtype)
-        wsq = np.empty(n, dtype=scal.dtype)
+        dirs = np.empty(n, dtype=scal.dtype)  # the chunk's directions: the step's only temporary
         for j in range(n):
             s = load(g[j]) * rescale
             if clip > 0:
@@ -193,36 +188,71 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
             v = var[j] * b2 + (s * omb2) * s
             mean[j] = m
             var[j] = v
-            wj = load(w[j])
-            wsq[j] = wj
-            dirs[j] = _direction(m, v, wj, eps, wd, bias1, bias2)
-        partial[k, 0] = _sumsq(wsq, n)
-        partial[k, 1] = _sumsq(dirs, n)
+            dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2)
+        partial[k, 0] = sum_of_squares(w)
+        partial[k, 1] = sum_of_squares(dirs)
+
+
+@njit(inline="always")
+def _new_weight(m, v, w, step, eps, wd, bias1, bias2):
+    """Phase 2 for one element: ``w - step * g`` with ``g`` recomputed from the stored moments."""
+    return w - step * _direction(m, v, w, eps, wd, bias1, bias2)
+
+
+# Three loop bodies, so that LLVM sees exactly which arrays are written: an in-place update
+# (``w`` read and written through one array: no aliasing checks, vectorised), a master update
+# (master and rounded output), and an update into a separate output (the operators' ``out=``).
+
+@njit(parallel=True, cache=True)
+def phase2_inplace_pass(w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bias, steps,
+                        chunk_tensor, chunk_start, chunk_len):
+    """``w = w - step * g`` in place."""
+    for k in prange(chunk_tensor.shape[0]):
+        i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
+        size = sizes[i]
+        w = view(w_addr[i], size, w_mark)[s0:s0 + n]
+        mean = view(m_addr[i], size, m_mark)[s0:s0 + n]
+        var = view(v_addr[i], size, m_mark)[s0:s0 + n]
+        eps, wd = scal[i, 6], scal[i, 7]
+        bias1, bias2, step = bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
+        for j in range(n):
+            w[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), w_mark)
 
 
 @njit(parallel=True, cache=True)
-def phase2_pass(w_addr, m_addr, v_addr, o_addr, sizes, w_mark, m_mark, o_mark, write_w,
-                scal, bias, steps, chunk_tensor, chunk_start, chunk_len):
-    """Phase 2: ``new = w - step * g`` with ``g`` recomputed from the new mean/var and ``w``;
-    ``new`` is written to the output and, with ``write_w`` (a master weight), to ``w`` as well."""
+def phase2_master_pass(w_addr, m_addr, v_addr, o_addr, sizes, w_mark, m_mark, o_mark, scal, bias, steps,
+                       chunk_tensor, chunk_start, chunk_len):
+    """``master = master - step * g`` in place and ``out = dtype(master)``."""
     for k in prange(chunk_tensor.shape[0]):
-        i = chunk_tensor[k]
-        s0 = chunk_start[k]
-        n = chunk_len[k]
+        i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
         size = sizes[i]
         w = view(w_addr[i], size, w_mark)[s0:s0 + n]
         mean = view(m_addr[i], size, m_mark)[s0:s0 + n]
         var = view(v_addr[i], size, m_mark)[s0:s0 + n]
         out = view(o_addr[i], size, o_mark)[s0:s0 + n]
         eps, wd = scal[i, 6], scal[i, 7]
-        bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
-        step = cast_like(steps[i], eps)
+        bias1, bias2, step = bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
         for j in range(n):
-            wj = load(w[j])
-            new = wj - step * _direction(mean[j], var[j], wj, eps, wd, bias1, bias2)
-            if write_w:
-                w[j] = store(new, w_mark)
+            new = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2)
+            w[j] = new
             out[j] = store(new, o_mark)
+
+
+@njit(parallel=True, cache=True)
+def phase2_out_pass(w_addr, m_addr, v_addr, o_addr, sizes, w_mark, m_mark, o_mark, scal, bias, steps,
+                    chunk_tensor, chunk_start, chunk_len):
+    """``out = w - step * g`` (``w`` only read)."""
+    for k in prange(chunk_tensor.shape[0]):
+        i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
+        size = sizes[i]
+        w = view(w_addr[i], size, w_mark)[s0:s0 + n]
+        mean = view(m_addr[i], size, m_mark)[s0:s0 + n]
+        var = view(v_addr[i], size, m_mark)[s0:s0 + n]
+        out = view(o_addr[i], size, o_mark)[s0:s0 + n]
+        eps, wd = scal[i, 6], scal[i, 7]
+        bias1, bias2, step = bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
+        for j in range(n):
+            out[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), o_mark)
 
 
 @njit(parallel=True, cache=True)
@@ -232,20 +262,7 @@ def grad_sumsq_pass(g_addr, sizes, g_mark, chunk_tensor, chunk_start, chunk_len,
         i = chunk_tensor[k]
         s0 = chunk_start[k]
         n = chunk_len[k]
-        g = view(g_addr[i], sizes[i], g_mark)[s0:s0 + n]
-        acc = 0.0
-        a1 = 0.0
-        a2 = 0.0
-        a3 = 0.0
-        n4 = n - n % 4
-        for j in range(0, n4, 4):
-            x0 = np.float64(load(g[j])); x1 = np.float64(load(g[j + 1]))
-            x2 = np.float64(load(g[j + 2])); x3 = np.float64(load(g[j + 3]))
-            acc += x0 * x0; a1 += x1 * x1; a2 += x2 * x2; a3 += x3 * x3
-        for j in range(n4, n):
-            x = np.float64(load(g[j]))
-            acc += x * x
-        partial[k, 0] = (acc + a1) + (a2 + a3)
+        partial[k, 0] = sum_of_squares(view(g_addr[i], sizes[i], g_mark)[s0:s0 + n])
 
 
 @njit(cache=True)
