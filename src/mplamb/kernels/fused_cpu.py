@@ -92,7 +92,7 @@ class _Staging:
 def _scalar_tables(batch: LambBatch, idx: List[int], cdtype: torch.dtype):
     npdt = np.float64 if cdtype == torch.float64 else np.float32
     scal = np.empty((len(idx), 8), dtype=npdt)
-    bias = np.zeros((len(idx), 3), dtype=np.float64)
+    bias = np.zeros((len(idx), 2), dtype=np.float64)
     override = None if batch.rescale is None else float(batch.rescale)
     rows: Dict[int, tuple] = {}
     for r, i in enumerate(idx):
@@ -101,7 +101,7 @@ def _scalar_tables(batch: LambBatch, idx: List[int], cdtype: torch.dtype):
         if key not in rows:
             rows[key] = ((sc.rescale if override is None else override, -1.0 if sc.clip is None else sc.clip,
                           sc.beta1, sc.beta2, sc.one_minus_beta1, sc.one_minus_beta2, sc.epsilon, sc.wd),
-                         (0.0, 0.0, 0.0) if sc.bias1 is None else (sc.bias1, sc.bias2, 1.0 / sc.bias1))
+                         (0.0, 0.0) if sc.bias1 is None else (sc.bias1, sc.bias2))
         scal[r], bias[r] = rows[key]
     return scal, bias
 

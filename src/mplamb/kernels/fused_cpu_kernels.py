@@ -59,21 +59,6 @@ def _bits_from_f32(typingctx, value):
     return sig, codegen
 
 
-@intrinsic
-def _fma(typingctx, a, b, c):
-    """``a * b + c`` with one rounding (``llvm.fma.f64``)."""
-    sig = types.float64(types.float64, types.float64, types.float64)
-
-    def codegen(context, builder, signature, args):
-        import llvmlite.ir as ir
-
-        d = ir.DoubleType()
-        fn = builder.module.declare_intrinsic("llvm.fma", [d], ir.FunctionType(d, [d, d, d]))
-        return builder.call(fn, args)
-
-    return sig, codegen
-
-
 @njit(inline="always")
 def view(address, size, marker):
     """The ``size`` elements at ``address`` as a 1-d array of ``marker``'s type."""
@@ -90,30 +75,6 @@ def store(x, marker):  # pragma: no cover
 
 def cast_like(x, ref):  # pragma: no cover
     raise NotImplementedError
-
-
-def unbias_mean(m, bias1, inv_bias1):  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(unbias_mean, inline="always")
-def _unbias_mean(m, bias1, inv_bias1):
-    """MXNet's ``mean_hat = c(float64(m) / bias1)`` without a float64 division for float32 ``m``.
-
-    ``q = m * r`` with ``r = RN(1/bias1)``, then one Markstein correction
-    ``RN(q + r * (m - q*bias1))`` (the residual is exact with an FMA) gives the correctly
-    rounded float64 quotient (Markstein's theorem; checked against the division on 7.2e8
-    cases, tests/test_backends.py re-checks), at a fraction of a division's throughput.
-    float64 ``m`` keeps the plain division (its residual could underflow)."""
-    if m == types.float32:
-        def f32(m, bias1, inv_bias1):
-            a = np.float64(m)
-            q = a * inv_bias1
-            return np.float32(_fma(_fma(-q, bias1, a), inv_bias1, q))
-        return f32
-    if m == types.float64:
-        return lambda m, bias1, inv_bias1: m / bias1
-    return None
 
 
 @overload(cast_like, inline="always")
@@ -177,10 +138,10 @@ def _store(x, marker):
 # ------------------------------------------------------------------ the math (shared by both passes)
 
 @njit(inline="always")
-def _direction(m, v, w, eps, wd, bias1, inv_bias1, bias2):
+def _direction(m, v, w, eps, wd, bias1, bias2):
     """``g = mean_hat / (sqrt(var_hat) + eps) + wd * w`` in the compute dtype (bias1 == 0: no correction)."""
     if bias1 != 0.0:
-        m = unbias_mean(m, bias1, inv_bias1)
+        m = cast_like(np.float64(m) / bias1, v)
         v = v / bias2
     return m / (np.sqrt(v) + eps) + w * wd
 
@@ -203,8 +164,7 @@ def sum_of_squares(x):
 def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
                 scal, bias, chunk_tensor, chunk_start, chunk_len, partial):
     """Phase 1 + local squared norms.  ``scal[i]`` = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2,
-    eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2, 1/bias1) as float64
-    (0: off).
+    eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2) as float64 (0: off).
     ``partial[k]`` receives (sum w**2, sum g**2) of chunk ``k``."""
     for k in prange(chunk_tensor.shape[0]):
         i = chunk_tensor[k]
@@ -217,7 +177,7 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
         var = view(v_addr[i], size, m_mark)[s0:s0 + n]
         rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
-        bias1, inv_bias1, bias2 = bias[i, 0], bias[i, 2], cast_like(bias[i, 1], eps)
+        bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
         dirs = np.empty(n, dtype=scal.dtype)  # the chunk's directions: the step's only temporary
         for j in range(n):
             s = load(g[j]) * rescale
@@ -228,15 +188,15 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
             v = var[j] * b2 + (s * omb2) * s
             mean[j] = m
             var[j] = v
-            dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, inv_bias1, bias2)
+            dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2)
         partial[k, 0] = sum_of_squares(w)
         partial[k, 1] = sum_of_squares(dirs)
 
 
 @njit(inline="always")
-def _new_weight(m, v, w, step, eps, wd, bias1, inv_bias1, bias2):
+def _new_weight(m, v, w, step, eps, wd, bias1, bias2):
     """Phase 2 for one element: ``w - step * g`` with ``g`` recomputed from the stored moments."""
-    return w - step * _direction(m, v, w, eps, wd, bias1, inv_bias1, bias2)
+    return w - step * _direction(m, v, w, eps, wd, bias1, bias2)
 
 
 # Three loop bodies, so that LLVM sees exactly which arrays are written: an in-place update
@@ -254,9 +214,9 @@ def phase2_inplace_pass(w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bia
         mean = view(m_addr[i], size, m_mark)[s0:s0 + n]
         var = view(v_addr[i], size, m_mark)[s0:s0 + n]
         eps, wd = scal[i, 6], scal[i, 7]
-        bias1, inv_bias1, bias2, step = bias[i, 0], bias[i, 2], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
+        bias1, bias2, step = bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
         for j in range(n):
-            w[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, inv_bias1, bias2), w_mark)
+            w[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), w_mark)
 
 
 @njit(parallel=True, cache=True)
@@ -271,9 +231,9 @@ def phase2_master_pass(w_addr, m_addr, v_addr, o_addr, sizes, w_mark, m_mark, o_
         var = view(v_addr[i], size, m_mark)[s0:s0 + n]
         out = view(o_addr[i], size, o_mark)[s0:s0 + n]
         eps, wd = scal[i, 6], scal[i, 7]
-        bias1, inv_bias1, bias2, step = bias[i, 0], bias[i, 2], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
+        bias1, bias2, step = bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
         for j in range(n):
-            new = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, inv_bias1, bias2)
+            new = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2)
             w[j] = new
             out[j] = store(new, o_mark)
 
@@ -290,9 +250,9 @@ def phase2_out_pass(w_addr, m_addr, v_addr, o_addr, sizes, w_mark, m_mark, o_mar
         var = view(v_addr[i], size, m_mark)[s0:s0 + n]
         out = view(o_addr[i], size, o_mark)[s0:s0 + n]
         eps, wd = scal[i, 6], scal[i, 7]
-        bias1, inv_bias1, bias2, step = bias[i, 0], bias[i, 2], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
+        bias1, bias2, step = bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
         for j in range(n):
-            out[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, inv_bias1, bias2), o_mark)
+            out[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), o_mark)
 
 
 @njit(parallel=True, cache=True)
