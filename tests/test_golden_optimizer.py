@@ -46,7 +46,8 @@ def _replay(case):
             p.grad = case.tensor(f"step{s}__grad{i}")
         opt.step()
         history.append((before, before32, [p.detach().clone() for p in params],
-                        [{k: v.clone() for k, v in opt.state[p].items()} for p in params]))
+                        [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+                         for p in params]))
     return history
 
 

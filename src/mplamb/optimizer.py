@@ -71,13 +71,14 @@ def check_group(group: Dict[str, Any]) -> None:
 
 @dataclass
 class _Work:
-    """The parameters of one group that step together: one device, one dtype, one precision mode."""
+    """The parameters of one group that step together: one device, one dtype (and one grad dtype)."""
 
     group: Dict[str, Any]
     params: List[torch.Tensor]
     master: bool
     backend: Any = None
     grad_sumsq: Optional[torch.Tensor] = None
+    states: List[Dict[str, Any]] = None  # type: ignore[assignment]
 
 
 class Lamb(Optimizer):
@@ -129,7 +130,7 @@ class Lamb(Optimizer):
         backend: ``"auto"`` (fastest available for the device), ``"reference"`` or another name in
             :data:`mplamb.kernels.BACKENDS`.
 
-    State (``opt.state[p]``): ``step`` (int64 tensor), ``exp_avg`` (m), ``exp_avg_sq`` (v), and
+    State (``opt.state[p]``): ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v), and
     ``master_weight`` (fp32) for parameters with a master.  Moments are fp32 for half parameters.
 
     Loss scaling: works with ``torch.amp.GradScaler`` (``scaler.step(opt)``); the optimizer takes
@@ -201,47 +202,49 @@ class Lamb(Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    def _uses_master(self, group: Dict[str, Any], p: torch.Tensor) -> bool:
-        return p.dtype in HALF_DTYPES and group["master_weights"] is not False
-
     def _collect(self) -> List[_Work]:
         """Validate every gradient and group the parameters that step together.  Mutates nothing."""
         works: Dict[tuple, _Work] = {}
+        strided = torch.strided
         for gi, group in enumerate(self.param_groups):
+            no_master = group["master_weights"] is False
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
                     continue
-                if grad.is_sparse or grad.layout != torch.strided:
-                    raise RuntimeError("Lamb does not support sparse gradients (the trust ratio needs the "
-                                       "whole gradient); use dense gradients, e.g. nn.Embedding(sparse=False)")
-                if grad.shape != p.shape:
-                    raise ValueError(f"grad: expected the parameter's shape {tuple(p.shape)}, got {tuple(grad.shape)}")
-                if grad.device != p.device:
-                    raise ValueError(f"grad: expected the parameter's device {p.device}, got {grad.device}")
-                if not grad.is_floating_point():
-                    raise TypeError(f"grad: expected a floating-point gradient, got {grad.dtype}")
-                master = self._uses_master(group, p)
-                key = (gi, p.device, p.dtype, master)
-                if key not in works:
-                    works[key] = _Work(group=group, params=[], master=master)
-                works[key].params.append(p)
+                if (grad.layout is not strided or grad.shape != p.shape or grad.device != p.device
+                        or not grad.is_floating_point()):
+                    self._reject_grad(p, grad)
+                dtype = p.dtype
+                key = (gi, p.device, dtype, grad.dtype)
+                work = works.get(key)
+                if work is None:
+                    work = works[key] = _Work(group=group, params=[], master=dtype in HALF_DTYPES and not no_master)
+                work.params.append(p)
         out = list(works.values())
         for w in out:
             w.backend = get_backend(w.group["backend"], w.params[0].device)
         return out
 
-    def _init_state(self, work: _Work) -> None:
-        for p in work.params:
-            state = self.state[p]
-            if len(state) > 0:
-                continue
-            state["step"] = torch.zeros((), dtype=torch.int64)
-            moment_dtype = torch.float32 if p.dtype in HALF_DTYPES else p.dtype
-            state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-            if work.master:
-                state["master_weight"] = p.detach().to(torch.float32, copy=True)
+    @staticmethod
+    def _reject_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise RuntimeError("Lamb does not support sparse gradients (the trust ratio needs the "
+                               "whole gradient); use dense gradients, e.g. nn.Embedding(sparse=False)")
+        if grad.shape != p.shape:
+            raise ValueError(f"grad: expected the parameter's shape {tuple(p.shape)}, got {tuple(grad.shape)}")
+        if grad.device != p.device:
+            raise ValueError(f"grad: expected the parameter's device {p.device}, got {grad.device}")
+        raise TypeError(f"grad: expected a floating-point gradient, got {grad.dtype}")
+
+    @staticmethod
+    def _init_state(p: torch.Tensor, state: Dict[str, Any], master: bool) -> None:
+        state["step"] = 0
+        moment_dtype = torch.float32 if p.dtype in HALF_DTYPES else p.dtype
+        state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+        if master:
+            state["master_weight"] = p.detach().to(torch.float32, copy=True)
 
     def _amp(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The inverse loss scale and found-inf flag GradScaler handed over, if any."""
@@ -283,11 +286,10 @@ class Lamb(Optimizer):
 
         self._last = []
         for w in works:
-            self._init_state(w)
             batch = self._batch(w, grad_norm, inv_scale)
             result = w.backend.lamb_step(batch, local_reducer)
-            for p in w.params:
-                self.state[p]["step"] += 1
+            for st in w.states:
+                st["step"] += 1
             self._last.append((w.params, result))
         return loss
 
@@ -296,25 +298,22 @@ class Lamb(Optimizer):
         device = work.params[0].device
         beta1, beta2 = group["betas"]
         clip = group["clip_gradient"]
-        cache: Dict[tuple, Phase1Scalars] = {}
-        scalars = []
-        means, vars_, masters = [], [], []
-        for p in work.params:
-            state = self.state[p]
-            t = int(state["step"]) + 1
-            master = state.get("master_weight") if work.master else None
-            cdtype = compute_dtype((master if master is not None else p).dtype)
-            key = (t, cdtype)
-            if key not in cache:
-                cache[key] = phase1_scalars(
-                    t=t, wd=group["weight_decay"], beta1=beta1, beta2=beta2, epsilon=group["eps"],
-                    bias_correction=group["bias_correction"], rescale_grad=group["rescale_grad"],
-                    clip_gradient=-1.0 if clip is None else clip, dtype=cdtype,
-                    grad_averaging=group["grad_averaging"])
-            scalars.append(cache[key])
-            means.append(state["exp_avg"])
-            vars_.append(state["exp_avg_sq"])
-            masters.append(master)
+        states = work.states = [self.state[p] for p in work.params]
+        for p, st in zip(work.params, states):
+            if not st:  # lazy state, created on a parameter's first applied step
+                self._init_state(p, st, work.master)
+        steps = [st["step"] + 1 for st in states]
+        cdtype = torch.float32 if work.master else compute_dtype(work.params[0].dtype)
+        table: Dict[int, Phase1Scalars] = {
+            t: phase1_scalars(t=t, wd=group["weight_decay"], beta1=beta1, beta2=beta2, epsilon=group["eps"],
+                              bias_correction=group["bias_correction"], rescale_grad=group["rescale_grad"],
+                              clip_gradient=-1.0 if clip is None else clip, dtype=cdtype,
+                              grad_averaging=group["grad_averaging"])
+            for t in set(steps)}
+        scalars = [table[t] for t in steps]
+        means = [st["exp_avg"] for st in states]
+        vars_ = [st["exp_avg_sq"] for st in states]
+        masters = [st["master_weight"] for st in states] if work.master else [None] * len(states)
         rescale = None
         max_norm = group["max_grad_norm"]
         if inv_scale is not None or max_norm is not None:
@@ -324,7 +323,7 @@ class Lamb(Optimizer):
             if max_norm is not None:
                 gn = grad_norm.to(device)
                 factor = factor * torch.where(gn > max_norm, max_norm / gn, torch.ones_like(gn))
-            rescale = factor.to(compute_dtype(work.params[0].dtype))
+            rescale = factor.to(cdtype)
         lr = group["lr"]
         lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
         return LambBatch(
@@ -332,7 +331,7 @@ class Lamb(Optimizer):
             masters=masters, outs=list(work.params), scalars=scalars, lrs=[lr] * len(work.params),
             adapt=None if group["layer_adaptation"] else [False] * len(work.params),
             lower_bound=group["lower_bound"], upper_bound=group["upper_bound"],
-            max_trust_ratio=group["max_trust_ratio"], rescale=rescale,
+            max_trust_ratio=group["max_trust_ratio"], rescale=rescale, uniform=True,
         )
 
     # ------------------------------------------------------------------ telemetry
@@ -419,5 +418,5 @@ class Lamb(Optimizer):
                 if isinstance(v, torch.Tensor) and k != "step":
                     self.state[p][k] = v.detach().to(device=p.device, copy=True)
                 elif k == "step":
-                    self.state[p][k] = torch.as_tensor(v).detach().to(torch.int64).clone().cpu()
+                    self.state[p][k] = int(v)
         self.skipped_steps = int(extra.get("skipped_steps", 0))

@@ -56,6 +56,7 @@ class LambBatch:
     upper_bound: Optional[float] = None
     max_trust_ratio: Optional[float] = None
     rescale: Optional[torch.Tensor] = None
+    uniform: bool = False  # a promise that every tensor list has one dtype and masters are all set or all None
 
     def decay_source(self, i: int) -> torch.Tensor:
         """The weight phase 1 decays and phase 2 updates: the master if any, else the weight."""
@@ -63,7 +64,13 @@ class LambBatch:
         return self.weights[i] if m is None else m
 
     def compute_dtypes(self) -> List[torch.dtype]:
-        return [compute_dtype(self.decay_source(i).dtype) for i in range(len(self.weights))]
+        """Per-tensor arithmetic dtype: float64 for float64 decay sources, float32 otherwise."""
+        f64 = torch.float64
+        if self.uniform and self.weights:
+            m0 = self.masters[0]
+            return [f64 if (self.weights[0] if m0 is None else m0).dtype == f64 else torch.float32] * len(self.weights)
+        return [f64 if (w if m is None else m).dtype == f64 else torch.float32
+                for w, m in zip(self.weights, self.masters)]
 
 
 @dataclass
@@ -98,13 +105,17 @@ def step_sizes_for(batch: LambBatch, sumsq: torch.Tensor, *, unit_lr: bool = Fal
     """
     norms = torch.sqrt(sumsq)
     dtypes = batch.compute_dtypes()
-    lr_values = [1.0] * len(batch.lrs) if unit_lr else [f32(lr) for lr in batch.lrs]
-    lrs = torch.tensor(lr_values, dtype=torch.float64).to(sumsq.device, non_blocking=True)
+    if unit_lr:
+        lrs = torch.ones(len(batch.lrs), dtype=torch.float64)
+    else:  # float32 values (MXNet's rule), rounded in one vectorised cast
+        lrs = torch.tensor(list(batch.lrs), dtype=torch.float64).to(torch.float32).to(torch.float64)
+    lrs = lrs.to(sumsq.device, non_blocking=True)
     adapt = True
     if batch.adapt is not None and not all(batch.adapt):
         adapt = torch.tensor(list(batch.adapt), dtype=torch.bool).to(sumsq.device, non_blocking=True)
     result = None
-    for dtype in sorted(set(dtypes), key=str):
+    kinds = sorted(set(dtypes), key=str)
+    for dtype in kinds:
         steps = step_sizes(
             lrs.to(dtype),
             norms[0].to(dtype),
@@ -117,7 +128,7 @@ def step_sizes_for(batch: LambBatch, sumsq: torch.Tensor, *, unit_lr: bool = Fal
         if result is None:
             result = steps
         else:
-            mask = torch.tensor([d == dtype for d in dtypes], device=sumsq.device)
+            mask = torch.tensor([d == dtype for d in dtypes], device=sumsq.device)  # mixed dtypes only
             result = torch.where(mask, steps, result)
     return result
 

@@ -91,34 +91,44 @@ class _Staging:
 
 def _scalar_tables(batch: LambBatch, idx: List[int], cdtype: torch.dtype):
     npdt = np.float64 if cdtype == torch.float64 else np.float32
-    scal = np.empty((len(idx), 8), dtype=npdt)
-    bias = np.zeros((len(idx), 2), dtype=np.float64)
     override = None if batch.rescale is None else float(batch.rescale)
-    rows: Dict[int, tuple] = {}
-    for r, i in enumerate(idx):
-        sc = batch.scalars[i]
-        key = id(sc)
-        if key not in rows:
-            rows[key] = ((sc.rescale if override is None else override, -1.0 if sc.clip is None else sc.clip,
-                          sc.beta1, sc.beta2, sc.one_minus_beta1, sc.one_minus_beta2, sc.epsilon, sc.wd),
-                         (0.0, 0.0) if sc.bias1 is None else (sc.bias1, sc.bias2))
-        scal[r], bias[r] = rows[key]
+    scalars = [batch.scalars[i] for i in idx]
+    uniq: Dict[int, int] = {}
+    rows_scal, rows_bias, which = [], [], []
+    for sc in scalars:
+        r = uniq.get(id(sc))
+        if r is None:
+            r = uniq[id(sc)] = len(rows_scal)
+            rows_scal.append((sc.rescale if override is None else override, -1.0 if sc.clip is None else sc.clip,
+                              sc.beta1, sc.beta2, sc.one_minus_beta1, sc.one_minus_beta2, sc.epsilon, sc.wd))
+            rows_bias.append((0.0, 0.0) if sc.bias1 is None else (sc.bias1, sc.bias2))
+        which.append(r)
+    sel = np.asarray(which, dtype=np.int64)
+    scal = np.asarray(rows_scal, dtype=npdt)[sel]
+    bias = np.asarray(rows_bias, dtype=np.float64)[sel]
     return scal, bias
 
 
 def _partition(batch: LambBatch) -> Dict[tuple, List[int]]:
+    """Indices of the tensors that share dtypes (one kernel launch each)."""
+    if batch.uniform:
+        m0 = batch.masters[0]
+        key = ((batch.weights[0] if m0 is None else m0).dtype, batch.grads[0].dtype, batch.means[0].dtype,
+               m0 is not None, batch.outs[0].dtype)
+        return {key: list(range(len(batch.weights)))}
     parts: Dict[tuple, List[int]] = {}
-    for i in range(len(batch.weights)):
-        src = batch.decay_source(i)
-        key = (src.dtype, batch.grads[i].dtype, batch.means[i].dtype, batch.masters[i] is not None,
-               batch.outs[i].dtype)
-        parts.setdefault(key, []).append(i)
+    for i, (w, g, m, master, o) in enumerate(zip(batch.weights, batch.grads, batch.means, batch.masters, batch.outs)):
+        key = ((w if master is None else master).dtype, g.dtype, m.dtype, master is not None, o.dtype)
+        part = parts.get(key)
+        if part is None:
+            part = parts[key] = []
+        part.append(i)
     return parts
 
 
 def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
     """One fused LAMB step over ``batch`` (see :class:`~mplamb.kernels.contract.LambBatch`)."""
-    if any(m.dtype in HALF_DTYPES for m in batch.means):
+    if (batch.means[0].dtype in HALF_DTYPES if batch.uniform else any(m.dtype in HALF_DTYPES for m in batch.means)):
         return reference.lamb_step(batch, reducer)
     _threads()
     n = len(batch.weights)

@@ -1,0 +1,69 @@
+"""Tables and charts of a benchmark result (:func:`mplamb.bench.runner.run`)."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+FAST = "mplamb Lamb [fused_cpu]"
+
+
+def _groups(result: dict) -> Dict[Tuple[str, str], List[dict]]:
+    groups: Dict[Tuple[str, str], List[dict]] = {}
+    for r in result["rows"]:
+        groups.setdefault((r["workload"], r["setup"]), []).append(r)
+    return groups
+
+
+def table(result: dict) -> str:
+    """A Markdown table per (workload, setup) with medians, spread, roof fraction and ratios."""
+    lines = [f"Roofs measured in the same run: STREAM triad {result['triad_gb_per_s']:.1f} GB/s, "
+             f"in-place pass {result['inplace_gb_per_s']:.1f} GB/s ({result['repeats']} round-robin repeats, "
+             f"medians).", ""]
+    for (wl, setup), rows in _groups(result).items():
+        ours = next((r for r in rows if r["name"] == FAST), None)
+        n, nt = rows[0]["params"], rows[0]["tensors"]
+        lines += [f"**{wl}** ({nt} tensors, {n / 1e6:.1f}M params), setup **{setup}** "
+                  f"(mplamb params {setup}{' + fp32 masters' if setup != 'fp32' else ''}; peers fp32)", "",
+                  "| optimizer | params | s/step (median) | p25-p75 | ns/param | fraction of in-place roof | "
+                  f"{FAST.split()[-1]} is faster by | peak extra MB | warm-up s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: r["median_s"]):
+            frac = f"{r['fraction_of_inplace_roof']:.2f}" if "fraction_of_inplace_roof" in r else "-"
+            ratio = f"{r['median_s'] / ours['median_s']:.2f}x" if ours and r is not ours else "-"
+            mem = f"{r['peak_extra_mb']:.0f}" if r.get("peak_extra_mb") is not None else "-"
+            lines.append(f"| {r['name']} | {r['param_dtype']} | {r['median_s']:.4f} | {r['p25_s']:.4f}-{r['p75_s']:.4f}"
+                         f" | {r['ns_per_param']:.2f} | {frac} | {ratio} | {mem} | {r['warmup_s']:.2f} |")
+        if ours and nt >= 1000:
+            bytes_s = ours["bytes_per_param"] * n / (result["inplace_gb_per_s"] * 1e9)
+            per_tensor = (ours["median_s"] - bytes_s) / nt * 1e6
+            lines.append(f"\nPer-tensor overhead of {FAST}: {per_tensor:.2f} us/tensor "
+                         "(step time minus its bytes at the in-place roof, divided by the number of tensors).")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def chart(result: dict, path: str) -> None:
+    """A PNG bar chart of step time per optimizer, one panel per (workload, setup)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(result)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.6 * len(groups) + 0.6), squeeze=False)
+    for ax, ((wl, setup), rows) in zip(axes[:, 0], groups.items()):
+        rows = sorted(rows, key=lambda r: -r["median_s"])
+        names = [r["name"] for r in rows]
+        med = [r["median_s"] * 1e3 for r in rows]
+        err = [[(r["median_s"] - r["p25_s"]) * 1e3 for r in rows], [(r["p75_s"] - r["median_s"]) * 1e3 for r in rows]]
+        colors = ["tab:red" if n.startswith("mplamb") else "tab:gray" for n in names]
+        ax.barh(names, med, xerr=err, color=colors)
+        n = rows[0]["params"]
+        roof_ms = 40 * n / (result["inplace_gb_per_s"] * 1e9) * 1e3
+        ax.axvline(roof_ms, color="tab:blue", linestyle="--", label=f"40 B/param at the in-place roof ({roof_ms:.0f} ms)")
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per step (median, p25-p75), log scale")
+        ax.set_title(f"{wl}, {setup}")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

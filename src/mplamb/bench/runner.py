@@ -1,0 +1,180 @@
+"""Side-by-side optimizer-step benchmarks: mplamb's backends, the peers and the bandwidth roofs,
+in one process, round-robin (every repeat times every candidate once, so machine drift is
+shared), medians and quartiles reported."""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import mplamb
+from mplamb.kernels import available_backends
+
+from .peers import LR, WD, peers
+from .roof import Roof
+from .workloads import WORKLOADS, numel
+
+# Bytes a step must move per parameter (reads + writes), by setup: the measure of "fraction of roof".
+LAMB_BYTES = 40  # two passes: fp32 (4+4+4+4 read, 4+4 written; 4+4+4 read, 4 written), mp likewise
+ADAMW_BYTES = 28  # one pass: grad, param, exp_avg, exp_avg_sq read; param and both moments written
+
+SETUPS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Row:
+    workload: str
+    setup: str
+    name: str
+    param_dtype: str
+    times: List[float] = field(default_factory=list)
+    bytes_per_param: Optional[int] = None
+    warmup_s: float = 0.0
+    peak_extra_mb: Optional[float] = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    def quantile(self, q: float) -> float:
+        ts = sorted(self.times)
+        return ts[min(len(ts) - 1, max(0, round(q * (len(ts) - 1))))]
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(median_s=self.median, p25_s=self.quantile(0.25), p75_s=self.quantile(0.75))
+        return d
+
+
+def _status_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_extra_mb(fn: Callable[[], None]) -> Optional[float]:
+    """Peak resident memory added while ``fn`` runs (Linux: resets VmHWM via clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    gc.collect()
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(0.0, (peak - before) / 1024.0)
+
+
+def machine() -> Dict[str, object]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: Dict[str, object] = {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__, "mplamb": mplamb.__version__,
+    }
+    for mod in ("numba", "pytorch_optimizer", "torch_optimizer", "timm"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return info
+
+
+def _params(shapes, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(dtype)) for s in shapes]
+
+
+def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: bool = True,
+        backends: Optional[List[str]] = None, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Benchmark every candidate on every (workload, setup); returns a JSON-ready dict."""
+    backends = backends or available_backends("cpu")
+    roof = Roof()
+    rows: List[Row] = []
+    roof_rows = {"triad": Row("roof", "-", "STREAM triad", "float32", bytes_per_param=12),
+                 "inplace": Row("roof", "-", "in-place pass", "float32", bytes_per_param=8)}
+    for wl in workloads:
+        shapes = WORKLOADS[wl]()
+        n = numel(shapes)
+        for setup in setups:
+            dtype = SETUPS[setup]
+            grads32 = [p.detach().clone() * 0.0 + torch.randn(p.shape) * 1e-3 for p in _params(shapes, torch.float32, 1)]
+            cands = []
+            for b in backends:
+                ps = _params(shapes, dtype)
+                gd = grads32 if dtype == torch.float32 else [g.to(dtype) for g in grads32]
+                for p, g in zip(ps, gd):
+                    p.grad = g
+                cands.append((Row(wl, setup, f"mplamb Lamb [{b}]", str(dtype).replace("torch.", ""),
+                                  bytes_per_param=LAMB_BYTES),
+                              mplamb.Lamb(ps, lr=LR, weight_decay=WD, backend=b)))
+            if with_peers:
+                for name, make in peers().items():
+                    ps = _params(shapes, torch.float32)
+                    for p, g in zip(ps, grads32):
+                        p.grad = g
+                    cands.append((Row(wl, setup, name, "float32",
+                                      bytes_per_param=ADAMW_BYTES if "AdamW" in name else None), make(ps)))
+            for row, opt in cands:  # warm-up (compilation, lazy state)
+                if progress:
+                    progress(f"{wl}/{setup}: warm-up {row.name}")
+                t0 = time.perf_counter()
+                opt.step()
+                row.warmup_s = time.perf_counter() - t0
+            for r in range(repeats):
+                for row, opt in cands:
+                    if progress:
+                        progress(f"{wl}/{setup}: repeat {r + 1}/{repeats} {row.name}")
+                    t0 = time.perf_counter()
+                    opt.step()
+                    row.times.append(time.perf_counter() - t0)
+                roof.triad()
+                t0 = time.perf_counter()
+                roof.triad()
+                roof_rows["triad"].times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                roof.inplace()
+                roof_rows["inplace"].times.append(time.perf_counter() - t0)
+            for row, opt in cands:
+                row.peak_extra_mb = peak_extra_mb(opt.step)
+                rows.append(row)
+                row._n = n  # type: ignore[attr-defined]
+                row._tensors = len(shapes)  # type: ignore[attr-defined]
+            del cands
+            gc.collect()
+    triad_bw = roof.triad_bytes / roof_rows["triad"].median
+    inplace_bw = roof.inplace_bytes / roof_rows["inplace"].median
+    out_rows = []
+    for row in rows:
+        d = row.as_dict()
+        n = row._n  # type: ignore[attr-defined]
+        d["params"] = n
+        d["tensors"] = row._tensors  # type: ignore[attr-defined]
+        d["ns_per_param"] = row.median / n * 1e9
+        if row.bytes_per_param:
+            d["gb_per_s"] = row.bytes_per_param * n / row.median / 1e9
+            d["fraction_of_inplace_roof"] = d["gb_per_s"] * 1e9 / inplace_bw
+        out_rows.append(d)
+    return {"machine": machine(), "repeats": repeats, "triad_gb_per_s": triad_bw / 1e9,
+            "inplace_gb_per_s": inplace_bw / 1e9, "rows": out_rows}
