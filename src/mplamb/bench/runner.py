@@ -107,10 +107,11 @@ def _params(shapes, dtype, seed=0):
 
 
 def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: bool = True,
-        backends: Optional[List[str]] = None, progress: Optional[Callable[[str], None]] = None) -> dict:
+        backends: Optional[List[str]] = None, progress: Optional[Callable[[str], None]] = None,
+        roof_elements: int = 50_000_000) -> dict:
     """Benchmark every candidate on every (workload, setup); returns a JSON-ready dict."""
     backends = backends or available_backends("cpu")
-    roof = Roof()
+    roof = Roof(roof_elements)
     rows: List[Row] = []
     roof_rows = {"triad": Row("roof", "-", "STREAM triad", "float32", bytes_per_param=12),
                  "inplace": Row("roof", "-", "in-place pass", "float32", bytes_per_param=8)}

@@ -1,0 +1,5 @@
+"""``python -m mplamb``: see :mod:`mplamb.cli`."""
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

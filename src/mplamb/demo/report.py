@@ -1,0 +1,93 @@
+"""The training report: loss curves, the per-layer trust-ratio heatmap, metrics as CSV/JSON."""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+from typing import Dict, List, Optional
+
+__all__ = ["write_metrics", "plot_losses", "plot_trust_ratios", "summary_table"]
+
+
+def write_metrics(out: pathlib.Path, runs: Dict[str, dict]) -> None:
+    """``metrics.json`` (everything) and ``metrics.csv`` (one row per logged step and optimizer)."""
+    (out / "metrics.json").write_text(json.dumps(runs, indent=1))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["optimizer", "step", "tokens", "train_loss", "val_loss", "lr", "grad_norm"])
+        for name, run in runs.items():
+            val = {s: v for s, v in zip(run["val_steps"], run["val_loss"])}
+            for i, step in enumerate(run["steps"]):
+                w.writerow([name, step, run["tokens"][i], f"{run['train_loss'][i]:.6f}",
+                            f"{val[step]:.6f}" if step in val else "", f"{run['lr'][i]:.6g}",
+                            f"{run['grad_norm'][i]:.6g}"])
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(out: pathlib.Path, runs: Dict[str, dict], unigram: float) -> pathlib.Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = {"lamb": "tab:red", "adamw": "tab:blue"}
+    for name, run in runs.items():
+        c = colors.get(name, None)
+        ax.plot(run["steps"], run["train_loss"], color=c, alpha=0.35, linewidth=1, label=f"{name} train")
+        ax.plot(run["val_steps"], run["val_loss"], color=c, marker="o", markersize=3, linewidth=2,
+                label=f"{name} validation")
+    ax.axhline(unigram, color="gray", linestyle="--", label=f"unigram baseline ({unigram:.2f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.set_title("Loss curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_trust_ratios(out: pathlib.Path, run: dict) -> Optional[pathlib.Path]:
+    """Heatmap: one row per parameter (model order), one column per logged step, colour = trust ratio."""
+    ratios: List[List[float]] = run.get("trust_ratio") or []
+    if not ratios:
+        return None
+    import numpy as np
+
+    plt = _plt()
+    data = np.asarray(ratios, dtype=np.float64).T  # (params, steps)
+    names = run["param_names"]
+    fig, ax = plt.subplots(figsize=(9, max(3.0, 0.16 * len(names) + 1.2)))
+    positive = data[data > 0]
+    from matplotlib.colors import LogNorm
+
+    norm = LogNorm(vmin=max(positive.min(), 1e-3), vmax=positive.max()) if positive.size else None
+    im = ax.imshow(np.where(data > 0, data, np.nan), aspect="auto", interpolation="nearest", cmap="viridis",
+                   norm=norm, extent=(run["steps"][0] - 0.5, run["steps"][-1] + 0.5, len(names) - 0.5, -0.5))
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=6)
+    ax.set_xlabel("step")
+    ax.set_title("LAMB trust ratio ||w|| / ||update|| per parameter (log colour scale)")
+    fig.colorbar(im, ax=ax, label="trust ratio")
+    fig.tight_layout()
+    path = out / "trust_ratio.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_table(runs: Dict[str, dict], unigram: float) -> str:
+    lines = ["| optimizer | steps | tokens | final train loss | final val loss | val loss vs unigram | tokens/s | "
+             "skipped steps | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        lines.append(f"| {name} | {run['steps'][-1]} | {run['tokens'][-1]:,} | {run['train_loss'][-1]:.3f} | "
+                     f"{run['val_loss'][-1]:.3f} | {run['val_loss'][-1] - unigram:+.3f} | {run['tokens_per_s']:.0f} | "
+                     f"{run['skipped_steps']} | {run['wall_s']:.1f} |")
+    return "\n".join(lines)

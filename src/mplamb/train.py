@@ -1,0 +1,380 @@
+"""The main job: train a small byte-level transformer LM with ``mplamb.Lamb`` and report on it.
+
+``python -m mplamb train`` (see ``--help``) trains :class:`~mplamb.demo.model.TinyGPT` on
+Python's standard-library source (or ``--data FILE``) with bf16 weights and fp32 master
+weights in the optimizer, shows a progress bar, checkpoints (``--resume`` continues bit for
+bit; Ctrl-C saves first), optionally trains the same budget with ``torch.optim.AdamW``
+(``--compare adamw``), and writes a report folder: ``loss.png``, ``trust_ratio.png``,
+``metrics.csv``, ``metrics.json`` and ``summary.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch.nn import functional as F
+
+from .demo.data import Corpus, load_corpus
+from .demo.model import GPTConfig, TinyGPT
+from .optimizer import Lamb
+from .param_groups import param_groups
+
+__all__ = ["TrainConfig", "train", "add_train_arguments", "run_from_args", "CheckpointError"]
+
+CKPT_FORMAT = "mplamb-train-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (corrupt, not ours, or from another configuration)."""
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "lamb"
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-2
+    warmup: int = 40
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    context: int = 128
+    layers: int = 4
+    dim: int = 128
+    heads: int = 4
+    precision: str = "bf16-weights"
+    eval_every: int = 50
+    eval_batches: int = 8
+    data: Optional[str] = None
+    device: str = "cpu"
+
+    def model_config(self) -> GPTConfig:
+        return GPTConfig(context=self.context, layers=self.layers, dim=self.dim, heads=self.heads)
+
+    # keys a checkpoint must agree on to be resumed
+    RESUME_KEYS = ("optimizer", "steps", "batch_size", "lr", "warmup", "weight_decay", "max_grad_norm", "seed",
+                   "context", "layers", "dim", "heads", "precision", "eval_every", "eval_batches", "data")
+
+
+def bf16_is_fast(device: str) -> bool:
+    """Whether bf16 matrix products are at least as fast as fp32 here (a 20 ms probe on CPU)."""
+    if device != "cpu":
+        return True
+    a, w = torch.randn(1024, 256), torch.randn(256, 256)
+    times = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x, y = a.to(dt), w.to(dt)
+        F.linear(x, y)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            F.linear(x, y)
+        times[dt] = time.perf_counter() - t0
+    return times[torch.bfloat16] <= 1.2 * times[torch.float32]
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_is_fast(device) else "bf16-weights"
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to 10% at ``cfg.steps``."""
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+class _Run:
+    """Model, optimizer, schedule and data stream of one training run."""
+
+    def __init__(self, cfg: TrainConfig, corpus: Corpus) -> None:
+        self.cfg = cfg
+        self.corpus = corpus
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        model = TinyGPT(cfg.model_config())
+        lamb = cfg.optimizer == "lamb"
+        # LAMB: bf16 weights, fp32 masters in the optimizer.  AdamW (torch.optim): fp32 weights, as its users run it.
+        self.param_dtype = torch.bfloat16 if (lamb and cfg.precision != "fp32") else torch.float32
+        self.model = model.to(self.device, self.param_dtype)
+        if lamb:
+            self.opt = Lamb(param_groups(self.model, weight_decay=cfg.weight_decay), lr=cfg.lr,
+                            max_grad_norm=cfg.max_grad_norm)
+        else:
+            self.opt = torch.optim.AdamW(param_groups(self.model, weight_decay=cfg.weight_decay), lr=cfg.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.param_names = [names[id(p)] for g in self.opt.param_groups for p in g["params"]]
+        self.history: Dict[str, Any] = {"steps": [], "tokens": [], "train_loss": [], "lr": [], "grad_norm": [],
+                                        "val_steps": [], "val_loss": [], "trust_ratio": [],
+                                        "param_names": self.param_names, "skipped_steps": 0, "wall_s": 0.0}
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = x.to(self.device), y.to(self.device)
+        if self.cfg.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                logits = self.model(x)
+        elif self.param_dtype != torch.float32:  # bf16 weights, fp32 compute (CPUs without fast bf16)
+            params = {n: p.float() for n, p in self.model.named_parameters()}
+            logits = torch.func.functional_call(self.model, params, (x,))
+        else:
+            logits = self.model(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def train_step(self) -> float:
+        x, y = self.corpus.batch("train", self.cfg.batch_size, self.cfg.context, self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss(x, y)
+        loss.backward()
+        if isinstance(self.opt, Lamb):
+            self.opt.step()
+            grad_norm = float(self.opt.last_grad_norm) if self.opt.last_grad_norm is not None else float("nan")
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+            self.opt.step()
+        lr = self.opt.param_groups[0]["lr"]
+        self.sched.step()
+        self.step += 1
+        h = self.history
+        h["steps"].append(self.step)
+        h["tokens"].append(self.step * self.cfg.batch_size * self.cfg.context)
+        h["train_loss"].append(float(loss.detach()))
+        h["lr"].append(lr)
+        h["grad_norm"].append(grad_norm)
+        if isinstance(self.opt, Lamb):
+            h["trust_ratio"].append([float(v) for v in self.opt.last_step_stats()["trust_ratio"].tolist()])
+            h["skipped_steps"] = self.opt.skipped_steps
+        return h["train_loss"][-1]
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        gen = torch.Generator().manual_seed(self.cfg.seed + 2)  # the same validation batches every time
+        losses = [float(self.loss(*self.corpus.batch("val", self.cfg.batch_size, self.cfg.context, gen)))
+                  for _ in range(self.cfg.eval_batches)]
+        value = sum(losses) / len(losses)
+        self.history["val_steps"].append(self.step)
+        self.history["val_loss"].append(value)
+        return value
+
+    # -------------------------------------------------------------- checkpoints
+
+    def save(self, path: pathlib.Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        torch.save({"format": CKPT_FORMAT, "config": dataclasses.asdict(self.cfg), "step": self.step,
+                    "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(), "data_rng": self.gen.get_state(),
+                    "history": self.history}, tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: pathlib.Path) -> None:
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"no checkpoint to resume at {path}") from None
+        except Exception as e:  # truncated, not a torch file, ...
+            raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+            raise CheckpointError(f"{path} is not an mplamb training checkpoint (format {CKPT_FORMAT!r})")
+        saved = ckpt.get("config", {})
+        mine = dataclasses.asdict(self.cfg)
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in TrainConfig.RESUME_KEYS
+                if saved.get(k) != mine[k]]
+        if diff:
+            raise CheckpointError(f"{path} was written with another configuration; resume with the same "
+                                  "arguments or start a new --out folder. Differences: " + "; ".join(diff))
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.sched.load_state_dict(ckpt["scheduler"])
+            self.gen.set_state(ckpt["data_rng"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path} does not fit this model/optimizer: {e}") from None
+        self.step = int(ckpt["step"])
+        self.history = ckpt["history"]
+
+
+def train(cfg: TrainConfig, corpus: Corpus, out: Optional[pathlib.Path] = None, *, resume: bool = False,
+          ckpt_every: int = 100, progress: bool = True, stop_after: Optional[int] = None,
+          log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train one run; returns its history (also checkpointed under ``out``).
+
+    ``stop_after`` ends the run early (after that many steps in total) as an interruption would,
+    leaving a checkpoint to ``resume`` from.
+    """
+    run = _Run(cfg, corpus)
+    ckpt = out / f"checkpoint-{cfg.optimizer}.pt" if out is not None else None
+    if resume:
+        if ckpt is None:
+            raise CheckpointError("--resume needs an --out folder holding a checkpoint")
+        run.load(ckpt)
+        log(f"resumed {cfg.optimizer} from {ckpt} at step {run.step}")
+    interrupted = {"flag": False}
+
+    def on_sigint(signum, frame):  # finish the current step, then save and stop
+        interrupted["flag"] = True
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    bar = _bar(progress, cfg, run.step)
+    start = time.perf_counter()
+    first_step = run.step
+    wall0 = run.history["wall_s"]
+    tokens_per_step = cfg.batch_size * cfg.context
+    try:
+        if run.step == 0:
+            run.evaluate()
+        while run.step < cfg.steps:
+            loss = run.train_step()
+            if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+                run.evaluate()
+            run.history["wall_s"] = wall0 + time.perf_counter() - start
+            if bar is not None:
+                rate = (run.step - first_step) * tokens_per_step / max(1e-9, time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss:.3f}", val=f"{run.history['val_loss'][-1]:.3f}",
+                                tok_s=f"{rate:.0f}")
+                bar.update(1)
+            if ckpt is not None and (run.step % ckpt_every == 0 or run.step == cfg.steps):
+                run.save(ckpt)
+            if interrupted["flag"] or (stop_after is not None and run.step >= stop_after):
+                if ckpt is not None:
+                    run.save(ckpt)
+                if interrupted["flag"]:
+                    raise KeyboardInterrupt
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    h = run.history
+    h["wall_s"] = wall0 + time.perf_counter() - start
+    h["tokens_per_s"] = h["tokens"][-1] / h["wall_s"] if h["tokens"] and h["wall_s"] > 0 else 0.0
+    h["config"] = dataclasses.asdict(cfg)
+    h["final_state"] = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    return h
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _bar(progress: bool, cfg: TrainConfig, initial: int):
+    if not progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=cfg.steps, initial=initial, desc=cfg.optimizer, unit="step", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------ command line
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of LAMB (after warm-up)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps (then cosine decay to 10%%)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="weight decay (biases and LayerNorm weights excluded)")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="global gradient-norm clipping")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the model initialisation and the data order")
+    p.add_argument("--context", type=int, default=d.context, help="bytes per training sequence")
+    p.add_argument("--layers", type=int, default=d.layers, help="transformer blocks")
+    p.add_argument("--dim", type=int, default=d.dim, help="model width")
+    p.add_argument("--heads", type=int, default=d.heads, help="attention heads")
+    p.add_argument("--precision", choices=["auto", "bf16", "bf16-weights", "fp32"], default="auto",
+                   help="bf16: bf16 weights and bf16 autocast compute; bf16-weights: bf16 weights, fp32 compute "
+                        "(for CPUs without fast bf16 matrix units); fp32: no mixed precision. LAMB keeps fp32 "
+                        "master weights for bf16 weights. auto: bf16 where bf16 matmuls are fast, else bf16-weights")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validation evaluations")
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches per evaluation")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="train on this text file instead of Python's standard-library source")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--compare", choices=["adamw"], default=None,
+                   help="also train the same budget with torch.optim.AdamW (fp32 weights) and overlay the curves")
+    p.add_argument("--compare-lr", type=float, default=3e-3, help="peak learning rate of the --compare optimizer")
+    p.add_argument("--out", default="mplamb-report", help="report and checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from .demo import report
+
+    def fail(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    for name in ("steps", "batch_size", "context", "layers", "dim", "heads", "eval_every", "eval_batches",
+                 "ckpt_every"):
+        if getattr(args, name) < 1:
+            return fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.dim % args.heads:
+        return fail(f"--dim ({args.dim}) must be a multiple of --heads ({args.heads})")
+    if not args.lr > 0 or not args.compare_lr > 0:
+        return fail("--lr and --compare-lr must be > 0")
+    if args.warmup < 1:
+        return fail(f"--warmup must be >= 1, got {args.warmup}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return fail("--device cuda: no CUDA device is available here")
+    try:
+        corpus = load_corpus(args.data, context=args.context)
+    except (OSError, ValueError, RuntimeError) as e:
+        return fail(str(e))
+    precision = resolve_precision(args.precision, args.device)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                      weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                      context=args.context, layers=args.layers, dim=args.dim, heads=args.heads, precision=precision,
+                      eval_every=args.eval_every, eval_batches=args.eval_batches, data=args.data, device=args.device)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    nparams = sum(p.numel() for p in TinyGPT(cfg.model_config()).parameters())
+    print(f"data: {corpus.name} ({corpus.train.numel():,} train / {corpus.val.numel():,} validation bytes); "
+          f"unigram baseline {corpus.unigram_loss:.3f} nats/byte")
+    print(f"model: {nparams / 1e6:.2f}M params, {cfg.layers} layers x {cfg.dim} wide, context {cfg.context}; "
+          f"precision {precision}; {cfg.steps} steps of {cfg.batch_size}x{cfg.context} bytes")
+    runs: Dict[str, dict] = {}
+    plan = [cfg] + ([dataclasses.replace(cfg, optimizer="adamw", lr=args.compare_lr)] if args.compare else [])
+    try:
+        for c in plan:
+            runs[c.optimizer] = train(c, corpus, out, resume=args.resume, ckpt_every=args.ckpt_every,
+                                      progress=not args.no_progress)
+    except CheckpointError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: checkpoint saved in {out}; continue with the same arguments plus --resume",
+              file=sys.stderr)
+        return 130
+    for r in runs.values():
+        r.pop("final_state", None)
+    report.write_metrics(out, runs)
+    paths = [report.plot_losses(out, runs, corpus.unigram_loss)]
+    tr = report.plot_trust_ratios(out, runs["lamb"])
+    if tr is not None:
+        paths.append(tr)
+    table = report.summary_table(runs, corpus.unigram_loss)
+    (out / "summary.md").write_text(table + "\n")
+    print()
+    print(table)
+    print(f"\nreport: {', '.join(str(p) for p in paths)}, {out / 'metrics.csv'}, {out / 'metrics.json'}")
+    return 0

@@ -1,0 +1,131 @@
+"""The main job (python -m mplamb train) and the bench command, on tiny configurations."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+from mplamb import cli
+from mplamb.demo.data import load_corpus
+from mplamb.train import CheckpointError, TrainConfig, train
+
+TINY = dict(steps=8, batch_size=4, context=16, layers=1, dim=16, heads=2, warmup=2, eval_every=4, eval_batches=2,
+            lr=0.05)
+TINY_ARGS = ["--steps", "8", "--batch-size", "4", "--context", "16", "--layers", "1", "--dim", "16", "--heads", "2",
+             "--warmup", "2", "--eval-every", "4", "--eval-batches", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> pathlib.Path:
+    import inspect
+
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(inspect.getsource(torch.optim.Optimizer) * 2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(text_file):
+    return load_corpus(str(text_file), context=16)
+
+
+def test_training_reduces_loss(corpus):
+    cfg = TrainConfig(**{**TINY, "steps": 40, "eval_every": 40, "batch_size": 16, "context": 16})
+    h = train(cfg, corpus, progress=False)
+    assert h["val_loss"][-1] < h["val_loss"][0] - 0.5
+    assert len(h["trust_ratio"]) == 40 and len(h["trust_ratio"][0]) == len(h["param_names"])
+
+
+@pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
+def test_resume_equals_uninterrupted_bitwise(tmp_path, corpus, optimizer):
+    cfg = TrainConfig(**TINY, optimizer=optimizer)
+    full = train(cfg, corpus, tmp_path / "a", progress=False) if (tmp_path / "a").mkdir() is None else None
+    (tmp_path / "b").mkdir()
+    train(cfg, corpus, tmp_path / "b", progress=False, stop_after=3, ckpt_every=100)
+    resumed = train(cfg, corpus, tmp_path / "b", progress=False, resume=True)
+    for name, p in full["final_state"].items():
+        assert torch.equal(p, resumed["final_state"][name]), name
+    assert full["train_loss"] == resumed["train_loss"] and full["val_loss"] == resumed["val_loss"]
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path, corpus):
+    cfg = TrainConfig(**TINY)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(cfg, corpus, tmp_path, progress=False, resume=True)
+    (tmp_path / "checkpoint-lamb.pt").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        train(cfg, corpus, tmp_path, progress=False, resume=True)
+    torch.save({"hello": 1}, tmp_path / "checkpoint-lamb.pt")
+    with pytest.raises(CheckpointError, match="not an mplamb training checkpoint"):
+        train(cfg, corpus, tmp_path, progress=False, resume=True)
+    train(cfg, corpus, tmp_path, progress=False, stop_after=2)
+    other = TrainConfig(**{**TINY, "lr": 0.01})
+    with pytest.raises(CheckpointError, match="lr: checkpoint 0.05, now 0.01"):
+        train(other, corpus, tmp_path, progress=False, resume=True)
+
+
+def test_cli_writes_the_report(tmp_path, text_file, capsys):
+    out = tmp_path / "report"
+    rc = cli.main(["train", *TINY_ARGS, "--data", str(text_file), "--out", str(out), "--compare", "adamw",
+                   "--precision", "bf16-weights"])
+    assert rc == 0
+    for name in ("loss.png", "trust_ratio.png", "metrics.csv", "metrics.json", "summary.md",
+                 "checkpoint-lamb.pt", "checkpoint-adamw.pt"):
+        assert (out / name).is_file(), name
+    for png in ("loss.png", "trust_ratio.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("optimizer,step") and len(rows) == 1 + 2 * 8
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"lamb", "adamw"}
+    text = capsys.readouterr().out
+    assert "| lamb |" in text and "| adamw |" in text and "unigram baseline" in text
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--dim", "10", "--heads", "3"], "multiple of --heads"),
+    (["--lr", "-1"], "--lr and --compare-lr must be > 0"),
+    (["--data", "/nonexistent/file.txt"], "no such file"),
+    (["--device", "cuda"], "no CUDA device") if not torch.cuda.is_available() else (["--steps", "0"], "--steps"),
+])
+def test_cli_bad_arguments(tmp_path, args, fragment, capsys):
+    rc = cli.main(["train", "--out", str(tmp_path), "--no-progress", *args])
+    assert rc == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_cli_resume_with_other_arguments_is_a_clear_error(tmp_path, text_file, capsys):
+    base = ["train", *TINY_ARGS, "--data", str(text_file), "--out", str(tmp_path), "--precision", "fp32"]
+    assert cli.main(base) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--resume", "--lr", "0.5"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+def test_help_texts(capsys):
+    for sub in ("train", "bench"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([sub, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "--out" in text
+    with pytest.raises(SystemExit):
+        cli.main([])
+
+
+def test_bench_runs_on_a_tiny_workload(tmp_path, monkeypatch, capsys):
+    from mplamb import bench
+
+    monkeypatch.setitem(bench.WORKLOADS, "tiny", lambda: [(64, 3), (5,), (1000,)])
+    result = bench.run(["tiny"], ["fp32", "bf16"], repeats=2, roof_elements=100_000)
+    names = {r["name"] for r in result["rows"]}
+    assert "mplamb Lamb [reference]" in names and "torch AdamW (fused)" in names
+    assert all(len(r["times"]) == 2 and r["median_s"] > 0 for r in result["rows"])
+    assert "fraction of in-place roof" in bench.table(result)
+    bench.chart(result, str(tmp_path / "bench.png"))
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["bench", "--workloads", "nope"]) == 2
+    assert "unknown workload" in capsys.readouterr().err
