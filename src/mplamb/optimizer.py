@@ -16,7 +16,8 @@ from torch.optim import Optimizer
 
 from ._scalars import Phase1Scalars, compute_dtype, phase1_scalars
 from ._validate import HALF_DTYPES, check_beta, check_real
-from .kernels import BACKENDS, LambBatch, StepResult, get_backend, local_reducer
+from .distributed import all_reduce_sum, local, shard_group
+from .kernels import BACKENDS, LambBatch, StepResult, finish_norms, get_backend, local_reducer
 
 __all__ = ["Lamb"]
 
@@ -76,6 +77,7 @@ class _Work:
     group: Dict[str, Any]
     params: List[torch.Tensor]
     master: bool
+    group_pg: Any = None  # the process group summing partial norms (None: norms are whole)
     backend: Any = None
     grad_sumsq: Optional[torch.Tensor] = None
     states: List[Dict[str, Any]] = None  # type: ignore[assignment]
@@ -129,6 +131,14 @@ class Lamb(Optimizer):
             (the half weight is updated directly; moments stay fp32); ``True``: as ``None``.
         backend: ``"auto"`` (fastest available for the device), ``"reference"`` or another name in
             :data:`mplamb.kernels.BACKENDS`.
+        process_group: for plain tensors sharded by the user (every process holds a part of every
+            parameter): the group over which partial norms are summed.  DTensor parameters (FSDP2)
+            need nothing: their mesh says it.
+        partition_group: for ZeRO-1, where each process steps different whole parameters: the group
+            over which the global gradient norm and the non-finite skip are agreed.  A process group, or
+            ``"world"`` (the default group) — pass the string through ``ZeroRedundancyOptimizer(...,
+            optimizer_class=Lamb, partition_group="world")``, which copies its keyword arguments into
+            param groups that must stay picklable (or set ``zero.optim.partition_group = group``).
 
     State (``opt.state[p]``): ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v), and
     ``master_weight`` (fp32) for parameters with a master.  Moments are fp32 for half parameters.
@@ -169,6 +179,8 @@ class Lamb(Optimizer):
         layer_adaptation: bool = True,
         master_weights: Optional[bool] = None,
         backend: str = "auto",
+        process_group: Optional[Any] = None,
+        partition_group: Optional[Any] = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
@@ -178,6 +190,8 @@ class Lamb(Optimizer):
             layer_adaptation=layer_adaptation, master_weights=master_weights, backend=backend,
         )
         check_group(defaults)
+        self.process_group = process_group
+        self.partition_group = partition_group
         self.skipped_steps = 0
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._last: List[Tuple[List[torch.Tensor], StepResult]] = []
@@ -216,10 +230,12 @@ class Lamb(Optimizer):
                         or not grad.is_floating_point()):
                     self._reject_grad(p, grad)
                 dtype = p.dtype
-                key = (gi, p.device, dtype, grad.dtype)
+                pg = shard_group(p, self.process_group)
+                key = (gi, p.device, dtype, grad.dtype, pg)
                 work = works.get(key)
                 if work is None:
-                    work = works[key] = _Work(group=group, params=[], master=dtype in HALF_DTYPES and not no_master)
+                    work = works[key] = _Work(group=group, params=[], master=dtype in HALF_DTYPES and not no_master,
+                                              group_pg=pg)
                 work.params.append(p)
         out = list(works.values())
         for w in out:
@@ -253,44 +269,73 @@ class Lamb(Optimizer):
         inv = None if scale is None else torch.reciprocal(scale.to(torch.float64))
         return inv, found_inf
 
+    @staticmethod
+    def _reduce(works: List[_Work], parts: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Sum each work's partial norms ``parts[i]`` (shape ``(..., n_i)``) over its process group:
+        one all-reduce per group for all works that share it."""
+        by_group: Dict[Any, List[int]] = {}
+        for i, w in enumerate(works):
+            if w.group_pg is not None:
+                by_group.setdefault(w.group_pg, []).append(i)
+        out = list(parts)
+        for pg, idx in by_group.items():
+            flat = all_reduce_sum(torch.cat([parts[i] for i in idx], dim=-1), pg)
+            for i, piece in zip(idx, torch.split(flat, [parts[i].shape[-1] for i in idx], dim=-1)):
+                out[i] = piece
+        return out
+
     @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One LAMB step over every parameter with a gradient (skipped if any gradient is non-finite)."""
+        """One LAMB step over every parameter with a gradient (skipped if any gradient is non-finite).
+
+        Sharded parameters cost two all-reduces per process group and step, whatever the number of
+        parameters: the gradients' squared norms (global clipping norm, and an agreed non-finite
+        skip) before phase 1, the weights' and updates' squared norms between the phases.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         works = self._collect()
-        if not works:
+        if not works and self.partition_group is None:
             return loss
         inv_scale, found_inf = self._amp()
-        anchor = works[0].params[0].device
+        anchor = works[0].params[0].device if works else torch.device("cpu")
 
         # Gradient norms: one pass over the gradients gives the global norm and the finite check.
+        for w in works:
+            w.grad_sumsq = w.backend.grad_sum_of_squares([local(p.grad) for p in w.params])
+        for w, g in zip(works, self._reduce(works, [w.grad_sumsq for w in works])):
+            w.grad_sumsq = g
         total = torch.zeros((), dtype=torch.float64, device=anchor)
         for w in works:
-            w.grad_sumsq = w.backend.grad_sum_of_squares([p.grad for p in w.params])
-            scale = float(w.group["rescale_grad"]) ** 2
-            total = total + w.grad_sumsq.sum().to(anchor) * scale
+            total = total + w.grad_sumsq.sum().to(anchor) * float(w.group["rescale_grad"]) ** 2
         if inv_scale is not None:
             total = total * inv_scale.to(anchor) ** 2
-        grad_norm = torch.sqrt(total)
-        bad = ~torch.isfinite(grad_norm)
+        bad = torch.zeros((), dtype=torch.float64, device=anchor)
         if found_inf is not None:
-            bad = bad | (found_inf.to(anchor) > 0)
-        if bool(bad):  # the one host synchronisation of a step
+            bad = bad + (found_inf.to(anchor) > 0).to(torch.float64)
+        if self.partition_group is not None:  # ZeRO-1: every process holds other parameters
+            pg = None if self.partition_group == "world" else self.partition_group  # None: the default group
+            both = all_reduce_sum(torch.stack([total, bad]), pg)
+            total, bad = both[0], both[1]
+        grad_norm = torch.sqrt(total)
+        if bool((bad > 0) | ~torch.isfinite(grad_norm)):  # the one host synchronisation of a step
             self.skipped_steps += 1
             return loss
         self.last_grad_norm = grad_norm
 
+        batches = [self._batch(w, grad_norm, inv_scale) for w in works]
+        firsts = [w.backend.phase1_batch(b) for w, b in zip(works, batches)]
+        reduced = self._reduce(works, [p1.sumsq for p1 in firsts])
         self._last = []
-        for w in works:
-            batch = self._batch(w, grad_norm, inv_scale)
-            result = w.backend.lamb_step(batch, local_reducer)
+        for w, batch, p1, sumsq in zip(works, batches, firsts, reduced):
+            sumsq, steps, ratios = finish_norms(batch, sumsq, local_reducer)
+            w.backend.phase2_batch(batch, p1, steps)
             for st in w.states:
                 st["step"] += 1
-            self._last.append((w.params, result))
+            self._last.append((w.params, StepResult(sumsq=sumsq, step_sizes=steps, trust_ratios=ratios)))
         return loss
 
     def _batch(self, work: _Work, grad_norm: torch.Tensor, inv_scale: Optional[torch.Tensor]) -> LambBatch:
@@ -311,9 +356,9 @@ class Lamb(Optimizer):
                               grad_averaging=group["grad_averaging"])
             for t in set(steps)}
         scalars = [table[t] for t in steps]
-        means = [st["exp_avg"] for st in states]
-        vars_ = [st["exp_avg_sq"] for st in states]
-        masters = [st["master_weight"] for st in states] if work.master else [None] * len(states)
+        means = [local(st["exp_avg"]) for st in states]
+        vars_ = [local(st["exp_avg_sq"]) for st in states]
+        masters = [local(st["master_weight"]) for st in states] if work.master else [None] * len(states)
         rescale = None
         max_norm = group["max_grad_norm"]
         if inv_scale is not None or max_norm is not None:
@@ -326,9 +371,10 @@ class Lamb(Optimizer):
             rescale = factor.to(cdtype)
         lr = group["lr"]
         lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+        weights = [local(p) for p in work.params]
         return LambBatch(
-            weights=list(work.params), grads=[p.grad for p in work.params], means=means, vars=vars_,
-            masters=masters, outs=list(work.params), scalars=scalars, lrs=[lr] * len(work.params),
+            weights=weights, grads=[local(p.grad) for p in work.params], means=means, vars=vars_,
+            masters=masters, outs=weights, scalars=scalars, lrs=[lr] * len(work.params),
             adapt=None if group["layer_adaptation"] else [False] * len(work.params),
             lower_bound=group["lower_bound"], upper_bound=group["upper_bound"],
             max_trust_ratio=group["max_trust_ratio"], rescale=rescale, uniform=True,

@@ -42,7 +42,7 @@ class TrainConfig:
     optimizer: str = "lamb"
     steps: int = 400
     batch_size: int = 32
-    lr: float = 1e-2
+    lr: float = 3e-2
     warmup: int = 40
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0

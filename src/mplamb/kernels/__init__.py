@@ -2,7 +2,9 @@
 
 A backend is a module with
 
-* ``lamb_step(batch, reducer) -> StepResult``: phase 1, norms, phase 2 over a batch, in place;
+* ``phase1_batch(batch) -> Phase1Result`` and ``phase2_batch(batch, p1, steps)``: the two
+  halves of a step (see :mod:`.contract`); ``lamb_step(batch, reducer)`` runs both with the
+  norms reduced in between;
 * ``grad_sum_of_squares(grads) -> Tensor``: per-tensor float64 sums of squares of the raw
   gradients (the global-norm clipping and non-finite check read them);
 * optionally ``supports_device(device) -> bool`` and ``AVAILABLE`` (False when an optional
@@ -19,9 +21,9 @@ from typing import Dict, List
 
 import torch
 
-from .contract import LambBatch, NormReducer, StepResult, local_reducer
+from .contract import LambBatch, NormReducer, Phase1Result, StepResult, finish_norms, local_reducer
 
-__all__ = ["LambBatch", "NormReducer", "StepResult", "local_reducer", "get_backend", "available_backends",
+__all__ = ["LambBatch", "NormReducer", "Phase1Result", "StepResult", "finish_norms", "local_reducer", "get_backend", "available_backends",
            "BACKENDS", "resolve_backend_name"]
 
 # public name -> module of this package

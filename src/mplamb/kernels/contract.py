@@ -1,10 +1,15 @@
 """The contract every backend implements: one fused LAMB step over a batch of tensors.
 
-A backend is a function ``lamb_step(batch, reducer) -> StepResult`` that performs,
-in place, phase 1 on every tensor, computes the local squared norms
-``[||w_i||^2, ||g_i||^2]`` into a ``(2, n)`` float64 tensor, hands it to ``reducer``
-(identity on one process; an all-reduce of partial norms when tensors are shards),
-and then performs phase 2 with the step sizes of :func:`step_sizes_for`.
+A backend provides two halves of a step:
+
+* ``phase1_batch(batch) -> Phase1Result``: phase 1 on every tensor, in place, and the
+  local squared norms ``[||w_i||^2, ||g_i||^2]`` as a ``(2, n)`` float64 tensor;
+* ``phase2_batch(batch, p1, steps)``: phase 2 with the per-tensor step sizes.
+
+Between them the caller reduces the squared norms (identity on one process; one
+all-reduce of partial norms when tensors are shards, for every batch that shares a
+process group at once) and turns them into step sizes with :func:`finish_norms`.
+:func:`run_step` composes the three for a single batch; it is each backend's ``lamb_step``.
 
 Inputs are validated by the caller (``mplamb.ops`` or ``mplamb.Lamb``) before a
 backend is called; backends never validate and never allocate state.
@@ -12,15 +17,24 @@ backend is called; backends never validate and never allocate state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
 from .._scalars import Phase1Scalars, compute_dtype, f32, step_sizes
 
-__all__ = ["LambBatch", "StepResult", "NormReducer", "local_reducer", "step_sizes_for", "finish_norms"]
+__all__ = ["LambBatch", "StepResult", "Phase1Result", "NormReducer", "local_reducer", "step_sizes_for",
+           "finish_norms", "run_step"]
 
 NormReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Phase1Result:
+    """Local squared norms ``(2, n)`` float64, and whatever the backend's phase 2 needs (``carry``)."""
+
+    sumsq: torch.Tensor
+    carry: Any = None
 
 
 def local_reducer(sumsq: torch.Tensor) -> torch.Tensor:
@@ -140,3 +154,11 @@ def finish_norms(batch: LambBatch, sumsq: torch.Tensor, reducer: NormReducer) ->
     """
     sumsq = reducer(sumsq)
     return sumsq, step_sizes_for(batch, sumsq), step_sizes_for(batch, sumsq, unit_lr=True)
+
+
+def run_step(backend: Any, batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
+    """One whole step of ``backend`` over ``batch``: phase 1, reduced norms, phase 2."""
+    p1 = backend.phase1_batch(batch)
+    sumsq, steps, ratios = finish_norms(batch, p1.sumsq, reducer)
+    backend.phase2_batch(batch, p1, steps)
+    return StepResult(sumsq=sumsq, step_sizes=steps, trust_ratios=ratios)

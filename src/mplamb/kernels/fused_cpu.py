@@ -15,13 +15,14 @@ Arithmetic is bit-identical to :mod:`.reference` (same operations, same order, n
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .._validate import HALF_DTYPES
 from . import reference
-from .contract import LambBatch, NormReducer, StepResult, finish_norms, local_reducer
+from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
 try:
     import numpy as np
@@ -33,7 +34,8 @@ try:
 except ImportError:  # numba is an optional dependency (extra "fast")
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "supports_device", "lamb_step", "grad_sum_of_squares", "warm_up"]
+__all__ = ["AVAILABLE", "supports_device", "phase1_batch", "phase2_batch", "lamb_step", "grad_sum_of_squares",
+           "warm_up"]
 
 
 def supports_device(device: torch.device) -> bool:
@@ -126,17 +128,16 @@ def _partition(batch: LambBatch) -> Dict[tuple, List[int]]:
     return parts
 
 
-def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
-    """One fused LAMB step over ``batch`` (see :class:`~mplamb.kernels.contract.LambBatch`)."""
+def phase1_batch(batch: LambBatch) -> Phase1Result:
+    """Phase 1 of every tensor of ``batch`` and its local squared norms (one parallel pass per dtype)."""
     if (batch.means[0].dtype in HALF_DTYPES if batch.uniform else any(m.dtype in HALF_DTYPES for m in batch.means)):
-        return reference.lamb_step(batch, reducer)
+        return Phase1Result(*_delegated(reference.phase1_batch(batch)))
     _threads()
     n = len(batch.weights)
     stage = _Staging()
-    parts = _partition(batch)
     plans = []
     sumsq = np.zeros((2, n), dtype=np.float64)
-    for (src_dtype, g_dtype, m_dtype, has_master, o_dtype), idx in parts.items():
+    for (src_dtype, g_dtype, m_dtype, has_master, o_dtype), idx in _partition(batch).items():
         srcs = [stage.write(batch.decay_source(i)) if has_master else stage.read(batch.weights[i]) for i in idx]
         outs = []
         for i, src in zip(idx, srcs):
@@ -158,8 +159,19 @@ def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepRes
         sumsq[:, idx] = K.sum_chunks(partial, ct, len(idx))
         plans.append((idx, w_addr, m_addr, v_addr, _addresses(outs), sz, src_dtype, m_dtype, o_dtype, has_master,
                       scal, bias, ct, cs, cl))
-    sumsq_t, steps, ratios = finish_norms(batch, torch.from_numpy(sumsq), reducer)
-    steps_np = steps.numpy()
+    return Phase1Result(sumsq=torch.from_numpy(sumsq), carry=(plans, stage))
+
+
+def _delegated(p1: Phase1Result):
+    return p1.sumsq, ("reference", p1)
+
+
+def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
+    """Phase 2 of every tensor of ``batch`` (one parallel pass per dtype), then staged tensors copied back."""
+    if isinstance(p1.carry, tuple) and p1.carry[0] == "reference":
+        return reference.phase2_batch(batch, p1.carry[1], steps)
+    plans, stage = p1.carry
+    steps_np = steps.cpu().numpy()
     for (idx, w_addr, m_addr, v_addr, o_addr, sz, src_dtype, m_dtype, o_dtype, has_master, scal, bias,
          ct, cs, cl) in plans:
         steps_i = np.ascontiguousarray(steps_np[idx])
@@ -173,7 +185,12 @@ def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepRes
             K.phase2_out_pass(w_addr, m_addr, v_addr, o_addr, sz, _MARK[src_dtype], _MARK[m_dtype],
                               _MARK[o_dtype], scal, bias, steps_i, ct, cs, cl)
     stage.finish()
-    return StepResult(sumsq=sumsq_t, step_sizes=steps, trust_ratios=ratios)
+    return None
+
+
+def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
+    """One fused LAMB step over ``batch`` (see :class:`~mplamb.kernels.contract.LambBatch`)."""
+    return run_step(sys.modules[__name__], batch, reducer)
 
 
 def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:

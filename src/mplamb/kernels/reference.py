@@ -16,15 +16,16 @@ into a multiply-add and float32 results are bit-for-bit MXNet's.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .._scalars import Phase1Scalars, compute_dtype
 from ._ieee import ieee_sqrt
-from .contract import LambBatch, NormReducer, StepResult, finish_norms, local_reducer
+from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
-__all__ = ["phase1", "phase2", "sum_of_squares", "grad_sum_of_squares", "lamb_step"]
+__all__ = ["phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares", "grad_sum_of_squares", "lamb_step"]
 
 Scale = Union[float, torch.Tensor]
 
@@ -81,14 +82,10 @@ def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     return torch.sum(x * x)
 
 
-def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
-    """One fused LAMB step over ``batch`` (see :class:`~mplamb.kernels.contract.LambBatch`).
-
-    Phase 1 for every tensor, then all squared norms reduced by ``reducer`` at once,
-    then phase 2 for every tensor.
-    """
+def phase1_batch(batch: LambBatch) -> Phase1Result:
+    """Phase 1 for every tensor of ``batch`` and the local squared norms (carry: the directions)."""
     n = len(batch.weights)
-    device = batch.weights[0].device
+    device = batch.weights[0].device if n else torch.device("cpu")
     directions = []
     sumsq = torch.empty(2, n, dtype=torch.float64, device=device)
     for i in range(n):
@@ -97,11 +94,22 @@ def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepRes
         directions.append(g)
         sumsq[0, i] = sum_of_squares(w)
         sumsq[1, i] = sum_of_squares(g)
-    sumsq, steps, ratios = finish_norms(batch, sumsq, reducer)
-    for i in range(n):
-        g = directions[i]
+    return Phase1Result(sumsq=sumsq, carry=directions)
+
+
+def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
+    """Phase 2 for every tensor of ``batch`` with per-tensor step sizes ``steps``."""
+    for i, g in enumerate(p1.carry):
         phase2(batch.decay_source(i), g, steps[i].to(g.dtype), batch.outs[i], batch.masters[i])
-    return StepResult(sumsq=sumsq, step_sizes=steps, trust_ratios=ratios)
+
+
+def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
+    """One fused LAMB step over ``batch`` (see :class:`~mplamb.kernels.contract.LambBatch`).
+
+    Phase 1 for every tensor, then all squared norms reduced by ``reducer`` at once,
+    then phase 2 for every tensor.
+    """
+    return run_step(sys.modules[__name__], batch, reducer)
 
 
 def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,204 @@
+"""One process of the 2-process distributed tests (launched by test_distributed.py).
+
+Every scenario trains the same small model for STEPS steps on the same data on every rank
+(so data-parallel gradients equal the single-process ones exactly) and compares the
+weights with a single-process run of the same model and optimizer.  Results go to a JSON
+file per rank; the tests read them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import mplamb
+
+STEPS = 5
+HP = dict(lr=0.05, weight_decay=0.01, max_grad_norm=0.5)
+
+
+def make_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    # uneven first dimensions: 7 rows split 4/3, and 1 row (and a (1,) bias) that leaves rank 1 an empty shard
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 1)).to(dtype)
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)
+
+
+def train(model, opt, steps=STEPS, dtype=torch.float32):
+    x, y = data()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+        loss.backward()
+        opt.step()
+
+
+def full(p):
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double()
+
+
+def max_diff(model, ref):
+    return max(float((full(a) - full(b)).abs().max()) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def reference(dtype=torch.float32):
+    model = make_model(dtype)
+    train(model, mplamb.Lamb(model.parameters(), **HP), dtype=dtype)
+    return model
+
+
+def scenario_ddp():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_model())
+    train(model, mplamb.Lamb(model.parameters(), **HP))
+    return {"max_diff": max_diff(model.module, reference())}
+
+
+def scenario_zero1():
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_model())
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=mplamb.Lamb,
+                                  partition_group="world", **HP)
+    train(model, opt)
+    out = {"max_diff": max_diff(model.module, reference())}
+    opt.consolidate_state_dict(to=0)
+    if dist.get_rank() == 0:
+        sd = opt.state_dict()
+        out["consolidated_params_with_state"] = len(sd["state"])
+        out["consolidated_has_master_or_moments"] = all("exp_avg" in st for st in sd["state"].values())
+    # a NaN gradient on one rank's partition only: every rank must skip
+    x, y = data()
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    if dist.get_rank() == 1:  # a parameter that only rank 1's partition steps
+        opt.optim.param_groups[0]["params"][0].grad.view(-1)[0] = float("nan")
+    opt.step()
+    out["nan_skipped_everywhere"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return out
+
+
+def fsdp_model(dtype):
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(dtype)
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def scenario_fsdp2(dtype, local_norms=False):
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    model = fsdp_model(dtype)
+    if local_norms:  # the bug other LAMBs have: norms of the local shard only
+        import mplamb.optimizer as mo
+
+        saved = mo.shard_group
+        mo.shard_group = lambda p, pg=None: None
+    try:
+        opt = mplamb.Lamb(model.parameters(), **HP)
+        x, y = data()
+        train(model, opt, STEPS - 1, dtype=dtype)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x.to(dtype)).float(), y).backward()
+        with CommDebugMode() as comm:
+            opt.step()
+    finally:
+        if local_norms:
+            mo.shard_group = saved
+    counts = {str(k): v for k, v in comm.get_comm_counts().items()}
+    local_sizes = [p.to_local().numel() for p in model.parameters()]
+    state = opt.state[next(iter(model.parameters()))]
+    return {"max_diff": max_diff(model, reference(dtype)), "comm_counts": counts,
+            "total_collectives": comm.get_total_counts(), "local_sizes": local_sizes,
+            "param_dtype": str(next(model.parameters()).dtype), "state_keys": sorted(state),
+            "master_is_dtensor": type(state.get("master_weight", None)).__name__}
+
+
+def scenario_fsdp2_fp32_params_bf16_compute():
+    """MixedPrecisionPolicy keeps fp32 sharded params: Lamb must not add a second master copy."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = make_model()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    opt = mplamb.Lamb(model.parameters(), **HP)
+    train(model, opt, 2)
+    return {"state_keys": sorted(opt.state[next(iter(model.parameters()))])}
+
+
+def scenario_process_group():
+    """Plain tensors sharded by hand (uneven 1-D slices of every parameter): process_group= sums the norms."""
+    rank = dist.get_rank()
+    full_model = make_model()
+
+    def split(t):
+        return torch.tensor_split(t.reshape(-1), 2)
+
+    shards = [nn.Parameter(split(p.detach())[rank].clone()) for p in full_model.parameters()]
+    opt = mplamb.Lamb(shards, process_group=dist.group.WORLD, **HP)
+    x, y = data()
+    for _ in range(STEPS):  # full gradients are computed everywhere; each rank steps its slices
+        full_model.zero_grad()
+        nn.functional.mse_loss(full_model(x), y).backward()
+        for p, s in zip(full_model.parameters(), shards):
+            s.grad = split(p.grad)[rank].clone()
+        opt.step()
+        for p, s in zip(full_model.parameters(), shards):  # reassemble the parameters from both slices
+            parts = [t.clone() for t in split(p.detach())]
+            for r in range(2):
+                if r == rank:
+                    parts[r] = s.detach().clone()
+                if parts[r].numel():
+                    dist.broadcast(parts[r], src=r)
+            p.data.copy_(torch.cat(parts).reshape(p.shape))
+    return {"max_diff": max_diff(full_model, reference()), "shard_sizes": [s.numel() for s in shards]}
+
+
+def main():
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    only = sys.argv[5].split(",") if len(sys.argv) > 5 else None
+    import faulthandler
+
+    faulthandler.dump_traceback_later(float(os.environ.get("MPLAMB_DIST_TIMEOUT", "120")), exit=True)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {}
+    for name, fn in [("ddp", scenario_ddp), ("zero1", scenario_zero1),
+                     ("fsdp2_fp32", lambda: scenario_fsdp2(torch.float32)),
+                     ("fsdp2_bf16", lambda: scenario_fsdp2(torch.bfloat16)),
+                     ("fsdp2_local_norms", lambda: scenario_fsdp2(torch.float32, local_norms=True)),
+                     ("fsdp2_mp_policy", scenario_fsdp2_fp32_params_bf16_compute),
+                     ("process_group", scenario_process_group)]:
+        if only is not None and name not in only:
+            continue
+        try:
+            results[name] = fn()
+        except Exception as e:  # reported to the test, which fails with the message
+            import traceback
+
+            results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            print(f"rank {rank} {name}: {results[name]['traceback']}", file=sys.stderr, flush=True)
+        dist.barrier()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
