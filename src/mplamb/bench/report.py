@@ -63,7 +63,7 @@ def chart(result: dict, path: str) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("ms per step (median, p25-p75), log scale")
         ax.set_title(f"{wl}, {setup}")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

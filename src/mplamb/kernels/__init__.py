@@ -29,11 +29,12 @@ __all__ = ["LambBatch", "NormReducer", "Phase1Result", "StepResult", "finish_nor
 # public name -> module of this package
 BACKENDS: Dict[str, str] = {
     "reference": "reference",
+    "foreach": "foreach",
     "fused_cpu": "fused_cpu",
 }
 
 # Preference order of "auto" per device type (first available wins).
-_AUTO_ORDER = {"cpu": ["fused_cpu", "reference"], "cuda": ["reference"]}
+_AUTO_ORDER = {"cpu": ["fused_cpu", "reference"], "cuda": ["foreach", "reference"]}
 
 
 def _module(name: str) -> ModuleType | None:
