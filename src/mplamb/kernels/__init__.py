@@ -31,10 +31,11 @@ BACKENDS: Dict[str, str] = {
     "reference": "reference",
     "foreach": "foreach",
     "fused_cpu": "fused_cpu",
+    "triton": "triton_gpu",
 }
 
 # Preference order of "auto" per device type (first available wins).
-_AUTO_ORDER = {"cpu": ["fused_cpu", "reference"], "cuda": ["foreach", "reference"]}
+_AUTO_ORDER = {"cpu": ["fused_cpu", "reference"], "cuda": ["triton", "foreach", "reference"]}
 
 
 def _module(name: str) -> ModuleType | None:

@@ -22,6 +22,7 @@ import torch
 
 from .._validate import HALF_DTYPES
 from . import reference
+from ._staging import Staging as _Staging
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
 try:
@@ -65,30 +66,6 @@ def _chunks(sizes: Tuple[int, ...]):
 
 def _addresses(tensors: Sequence[torch.Tensor]) -> "np.ndarray":
     return np.fromiter((t.data_ptr() for t in tensors), dtype=np.int64, count=len(tensors))
-
-
-class _Staging:
-    """Contiguous stand-ins for non-contiguous tensors, copied back on :meth:`finish`."""
-
-    def __init__(self) -> None:
-        self._back: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        self._by_id: Dict[int, torch.Tensor] = {}
-
-    def read(self, t: torch.Tensor) -> torch.Tensor:
-        return t if t.is_contiguous() else self._by_id.setdefault(id(t), t.contiguous())
-
-    def write(self, t: torch.Tensor) -> torch.Tensor:
-        if t.is_contiguous():
-            return t
-        if id(t) not in self._by_id:
-            tmp = t.contiguous()
-            self._by_id[id(t)] = tmp
-            self._back.append((t, tmp))
-        return self._by_id[id(t)]
-
-    def finish(self) -> None:
-        for t, tmp in self._back:
-            t.copy_(tmp)
 
 
 def _scalar_tables(batch: LambBatch, idx: List[int], cdtype: torch.dtype):

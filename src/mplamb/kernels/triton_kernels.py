@@ -1,0 +1,104 @@
+"""Triton kernels of the GPU backend (the launch logic is in :mod:`.triton_gpu`).
+
+The reference's arithmetic, operation for operation, in float32: IEEE division and square
+root (``tl.div_rn``, ``tl.sqrt_rn``; Triton's ``/`` and ``tl.sqrt`` are approximate on
+NVIDIA GPUs), MXNet's float64 division for the bias-corrected mean, and the launcher turns
+FMA contraction off.  bfloat16 tensors arrive as int16 bit patterns and are widened and
+rounded (to nearest even) with integer arithmetic, which also works under
+``TRITON_INTERPRET=1`` (numpy has no bfloat16), so these kernels are tested on CPU.
+
+Scalars are read from a float64 table on the device (so float64 values such as
+``1 - beta1**t`` arrive exactly and a changing step count never recompiles):
+row = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd, bias1, bias2).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NSCAL = 10
+F32, BF16, F16 = 0, 1, 2  # storage kinds
+
+
+@triton.jit
+def _load(ptr, offs, mask, KIND: tl.constexpr):
+    x = tl.load(ptr + offs, mask=mask, other=0)
+    if KIND == 1:
+        return ((x.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, offs, mask, value, KIND: tl.constexpr):
+    if KIND == 1:
+        u = value.to(tl.uint32, bitcast=True)
+        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        bits = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded)
+        tl.store(ptr + offs, bits.to(tl.int32).to(tl.int16), mask=mask)
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _direction(m, v, w, eps, wd, bias1, bias2, BIAS: tl.constexpr):
+    if BIAS:
+        m = (m.to(tl.float64) / bias1).to(tl.float32)  # float64 "/" is IEEE (div.rn.f64)
+        v = tl.div_rn(v, bias2)
+    return tl.div_rn(m, tl.sqrt_rn(v) + eps) + w * wd
+
+
+@triton.jit
+def phase1_kernel(w_ptr, g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, partial_ptr, n,
+                  W_KIND: tl.constexpr, G_KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BIAS: tl.constexpr,
+                  RESCALE_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    if RESCALE_FROM_PTR:
+        rescale = tl.load(rescale_ptr).to(tl.float32)
+    else:
+        rescale = tl.load(scal_ptr + 0).to(tl.float32)
+    clip = tl.load(scal_ptr + 1).to(tl.float32)
+    b1 = tl.load(scal_ptr + 2).to(tl.float32)
+    b2 = tl.load(scal_ptr + 3).to(tl.float32)
+    omb1 = tl.load(scal_ptr + 4).to(tl.float32)
+    omb2 = tl.load(scal_ptr + 5).to(tl.float32)
+    eps = tl.load(scal_ptr + 6).to(tl.float32)
+    wd = tl.load(scal_ptr + 7).to(tl.float32)
+    bias1 = tl.load(scal_ptr + 8)
+    bias2 = tl.load(scal_ptr + 9).to(tl.float32)
+    s = _load(g_ptr, offs, mask, G_KIND) * rescale
+    if HAS_CLIP:
+        s = tl.where(s > clip, clip, s)
+        s = tl.where(s < -clip, -clip, s)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0) * b1 + s * omb1
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0) * b2 + (s * omb2) * s
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    w = _load(w_ptr, offs, mask, W_KIND)
+    d = tl.where(mask, _direction(m, v, w, eps, wd, bias1, bias2, BIAS), 0.0).to(tl.float64)
+    w64 = tl.where(mask, w, 0.0).to(tl.float64)
+    tl.store(partial_ptr + 2 * pid, tl.sum(w64 * w64, axis=0))
+    tl.store(partial_ptr + 2 * pid + 1, tl.sum(d * d, axis=0))
+
+
+@triton.jit
+def phase2_kernel(w_ptr, m_ptr, v_ptr, out_ptr, scal_ptr, steps_ptr, n,
+                  W_KIND: tl.constexpr, O_KIND: tl.constexpr, WRITE_W: tl.constexpr, BIAS: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    eps = tl.load(scal_ptr + 6).to(tl.float32)
+    wd = tl.load(scal_ptr + 7).to(tl.float32)
+    bias1 = tl.load(scal_ptr + 8)
+    bias2 = tl.load(scal_ptr + 9).to(tl.float32)
+    step = tl.load(steps_ptr).to(tl.float32)
+    w = _load(w_ptr, offs, mask, W_KIND)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=1.0)
+    new = w - step * _direction(m, v, w, eps, wd, bias1, bias2, BIAS)
+    if WRITE_W:
+        _store(w_ptr, offs, mask, new, W_KIND)
+    _store(out_ptr, offs, mask, new, O_KIND)
