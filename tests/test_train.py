@@ -129,3 +129,23 @@ def test_bench_runs_on_a_tiny_workload(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["bench", "--workloads", "nope"]) == 2
     assert "unknown workload" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, text_file, capsys):
+    """SIGINT during training: the current step finishes, a checkpoint is saved, exit code 130."""
+    import os
+    import signal
+    import threading
+
+    args = ["train", *TINY_ARGS, "--data", str(text_file), "--out", str(tmp_path), "--precision", "fp32"]
+    args[args.index("--steps") + 1] = "100000"
+    timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        rc = cli.main(args)
+    finally:
+        timer.cancel()
+    assert rc == 130
+    assert "checkpoint saved" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "checkpoint-lamb.pt", weights_only=True)
+    assert 0 < ckpt["step"] < 100000
