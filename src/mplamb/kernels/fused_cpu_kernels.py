@@ -199,6 +199,20 @@ def _new_weight(m, v, w, step, eps, wd, bias1, bias2):
     return w - step * _direction(m, v, w, eps, wd, bias1, bias2)
 
 
+@njit(inline="always")
+def _phase2_chunk(k, w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bias, steps,
+                  chunk_tensor, chunk_start, chunk_len):
+    """The arrays and scalars of chunk ``k`` in phase 2: (tensor, start, length, w, mean, var,
+    eps, wd, bias1, bias2, step)."""
+    i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
+    size = sizes[i]
+    w = view(w_addr[i], size, w_mark)[s0:s0 + n]
+    mean = view(m_addr[i], size, m_mark)[s0:s0 + n]
+    var = view(v_addr[i], size, m_mark)[s0:s0 + n]
+    eps, wd = scal[i, 6], scal[i, 7]
+    return i, s0, n, w, mean, var, eps, wd, bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
+
+
 # Three loop bodies, so that LLVM sees exactly which arrays are written: an in-place update
 # (``w`` read and written through one array: no aliasing checks, vectorised), a master update
 # (master and rounded output), and an update into a separate output (the operators' ``out=``).
@@ -208,13 +222,8 @@ def phase2_inplace_pass(w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bia
                         chunk_tensor, chunk_start, chunk_len):
     """``w = w - step * g`` in place."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
-        size = sizes[i]
-        w = view(w_addr[i], size, w_mark)[s0:s0 + n]
-        mean = view(m_addr[i], size, m_mark)[s0:s0 + n]
-        var = view(v_addr[i], size, m_mark)[s0:s0 + n]
-        eps, wd = scal[i, 6], scal[i, 7]
-        bias1, bias2, step = bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
+        i, s0, n, w, mean, var, eps, wd, bias1, bias2, step = _phase2_chunk(
+            k, w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bias, steps, chunk_tensor, chunk_start, chunk_len)
         for j in range(n):
             w[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), w_mark)
 
@@ -224,14 +233,9 @@ def phase2_master_pass(w_addr, m_addr, v_addr, o_addr, sizes, w_mark, m_mark, o_
                        chunk_tensor, chunk_start, chunk_len):
     """``master = master - step * g`` in place and ``out = dtype(master)``."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
-        size = sizes[i]
-        w = view(w_addr[i], size, w_mark)[s0:s0 + n]
-        mean = view(m_addr[i], size, m_mark)[s0:s0 + n]
-        var = view(v_addr[i], size, m_mark)[s0:s0 + n]
-        out = view(o_addr[i], size, o_mark)[s0:s0 + n]
-        eps, wd = scal[i, 6], scal[i, 7]
-        bias1, bias2, step = bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
+        i, s0, n, w, mean, var, eps, wd, bias1, bias2, step = _phase2_chunk(
+            k, w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bias, steps, chunk_tensor, chunk_start, chunk_len)
+        out = view(o_addr[i], sizes[i], o_mark)[s0:s0 + n]
         for j in range(n):
             new = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2)
             w[j] = new
@@ -243,14 +247,9 @@ def phase2_out_pass(w_addr, m_addr, v_addr, o_addr, sizes, w_mark, m_mark, o_mar
                     chunk_tensor, chunk_start, chunk_len):
     """``out = w - step * g`` (``w`` only read)."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
-        size = sizes[i]
-        w = view(w_addr[i], size, w_mark)[s0:s0 + n]
-        mean = view(m_addr[i], size, m_mark)[s0:s0 + n]
-        var = view(v_addr[i], size, m_mark)[s0:s0 + n]
-        out = view(o_addr[i], size, o_mark)[s0:s0 + n]
-        eps, wd = scal[i, 6], scal[i, 7]
-        bias1, bias2, step = bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
+        i, s0, n, w, mean, var, eps, wd, bias1, bias2, step = _phase2_chunk(
+            k, w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bias, steps, chunk_tensor, chunk_start, chunk_len)
+        out = view(o_addr[i], sizes[i], o_mark)[s0:s0 + n]
         for j in range(n):
             out[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), o_mark)
 
