@@ -46,36 +46,37 @@ def _module(name: str) -> ModuleType | None:
     return mod if getattr(mod, "AVAILABLE", True) else None
 
 
+def _runs_on(name: str, dev: torch.device) -> bool:
+    mod = _module(name)
+    if mod is None:
+        return False
+    supports = getattr(mod, "supports_device", None)
+    return supports is None or supports(dev)
+
+
 def available_backends(device: torch.device | str = "cpu") -> List[str]:
     """Backend names that can run on ``device`` in this environment."""
     dev = torch.device(device)
-    out = []
-    for name in BACKENDS:
-        mod = _module(name)
-        if mod is None:
-            continue
-        supports = getattr(mod, "supports_device", None)
-        if supports is None or supports(dev):
-            out.append(name)
-    return out
+    return [name for name in BACKENDS if _runs_on(name, dev)]
 
 
 def resolve_backend_name(name: str = "auto", device: torch.device | str = "cpu") -> str:
-    """The concrete backend name for ``name`` on ``device`` (``"auto"``: the fastest available)."""
+    """The concrete backend name for ``name`` on ``device`` (``"auto"``: the fastest available).
+
+    Only the candidates looked at are imported (``"auto"`` on CPU never imports triton)."""
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a str, got {type(name).__name__}")
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
     dev = torch.device(device)
-    avail = available_backends(dev)
     if name == "auto":
         for cand in _AUTO_ORDER.get(dev.type, ["reference"]):
-            if cand in avail:
+            if _runs_on(cand, dev):
                 return cand
         return "reference"
-    if name not in avail:
+    if not _runs_on(name, dev):
         raise ValueError(f"backend: {name!r} is not available for device {dev} in this environment "
-                         f"(available: {avail})")
+                         f"(available: {available_backends(dev)})")
     return name
 
 
