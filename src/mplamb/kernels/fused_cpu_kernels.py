@@ -39,24 +39,20 @@ def _pointer(typingctx, address, marker):
     return sig, codegen
 
 
-@intrinsic
-def _f32_from_bits(typingctx, bits):
-    sig = types.float32(types.uint32)
+def _bitcast(src, dst):
+    """An intrinsic reinterpreting the bits of a ``src`` scalar as ``dst`` (same width)."""
+    @intrinsic
+    def cast(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(dst))
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return dst(src), codegen
 
-    return sig, codegen
+    return cast
 
 
-@intrinsic
-def _bits_from_f32(typingctx, value):
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.uint32))
-
-    return sig, codegen
+_f32_from_bits = _bitcast(types.uint32, types.float32)
+_bits_from_f32 = _bitcast(types.float32, types.uint32)
 
 
 @njit(inline="always")
