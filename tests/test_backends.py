@@ -31,11 +31,11 @@ def build(seed, weight_dtype, master, shapes, *, layout="contiguous", out_mode="
     ws, gs, ms, vs, masters, outs, scalars = [], [], [], [], [], [], []
     for k, s in enumerate(shapes):
         def rnd(dt, positive=False, scale=1.0):
-            if layout == "strided" and len(s) >= 1 and s[-1] > 0:
-                x = torch.randn((*s[:-1], 2 * s[-1]), generator=g, dtype=torch.float64)[..., ::2]
-            else:
-                x = torch.randn(s, generator=g, dtype=torch.float64)
+            x = torch.randn((*s[:-1], 2 * s[-1]) if layout == "strided" and len(s) >= 1 and s[-1] > 0 else s,
+                            generator=g, dtype=torch.float64)
             x = (x.abs() if positive else x) * scale
+            if layout == "strided" and len(s) >= 1 and s[-1] > 0:
+                x = x[..., ::2]  # every other element: a non-contiguous view
             out = torch.empty_strided(x.shape, x.stride(), dtype=dt)
             out.copy_(x)
             return out
@@ -104,6 +104,9 @@ DTYPE_MODES = [(torch.float32, False), (torch.float64, False), (torch.bfloat16, 
 @pytest.mark.parametrize("dtype,master", DTYPE_MODES)
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_backend_matches_reference_on_mixed_shapes(backend, dtype, master, layout):
+    if layout == "strided":
+        b = build(seed=0, weight_dtype=dtype, master=master, shapes=SHAPES, layout=layout)
+        assert not all(t.is_contiguous() for t, _ in tensors(b))  # the layout really is non-contiguous
     run_both(backend, seed=0, weight_dtype=dtype, master=master, shapes=SHAPES, layout=layout)
 
 

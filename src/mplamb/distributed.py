@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["is_dtensor", "local", "shard_group", "all_reduce_sum", "AVAILABLE"]
+__all__ = ["DTensor", "is_dtensor", "local", "shard_group", "all_reduce_sum", "AVAILABLE"]
 
 try:
     import torch.distributed as dist

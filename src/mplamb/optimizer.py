@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from ._scalars import Phase1Scalars, compute_dtype, phase1_scalars
 from ._validate import HALF_DTYPES, check_beta, check_real
-from .distributed import all_reduce_sum, local, shard_group
+from .distributed import DTensor, all_reduce_sum, local, shard_group
 from .kernels import BACKENDS, LambBatch, StepResult, finish_norms, get_backend, local_reducer
 
 __all__ = ["Lamb"]
@@ -78,6 +78,7 @@ class _Work:
     params: List[torch.Tensor]
     master: bool
     group_pg: Any = None  # the process group summing partial norms (None: norms are whole)
+    dtensor: bool = False  # DTensor parameters: kernels see their local shards
     backend: Any = None
     grad_sumsq: Optional[torch.Tensor] = None
     states: List[Dict[str, Any]] = None  # type: ignore[assignment]
@@ -230,12 +231,13 @@ class Lamb(Optimizer):
                         or not grad.is_floating_point()):
                     self._reject_grad(p, grad)
                 dtype = p.dtype
-                pg = shard_group(p, self.process_group)
-                key = (gi, p.device, dtype, grad.dtype, pg)
+                sharded = isinstance(p, DTensor)
+                pg = shard_group(p, self.process_group) if sharded else self.process_group
+                key = (gi, p.device, dtype, grad.dtype, pg, sharded)
                 work = works.get(key)
                 if work is None:
                     work = works[key] = _Work(group=group, params=[], master=dtype in HALF_DTYPES and not no_master,
-                                              group_pg=pg)
+                                              group_pg=pg, dtensor=sharded)
                 work.params.append(p)
         out = list(works.values())
         for w in out:
@@ -305,7 +307,7 @@ class Lamb(Optimizer):
 
         # Gradient norms: one pass over the gradients gives the global norm and the finite check.
         for w in works:
-            w.grad_sumsq = w.backend.grad_sum_of_squares([local(p.grad) for p in w.params])
+            w.grad_sumsq = w.backend.grad_sum_of_squares([local(p.grad) if w.dtensor else p.grad for p in w.params])
         for w, g in zip(works, self._reduce(works, [w.grad_sumsq for w in works])):
             w.grad_sumsq = g
         total = torch.zeros((), dtype=torch.float64, device=anchor)
@@ -356,9 +358,10 @@ class Lamb(Optimizer):
                               grad_averaging=group["grad_averaging"])
             for t in set(steps)}
         scalars = [table[t] for t in steps]
-        means = [local(st["exp_avg"]) for st in states]
-        vars_ = [local(st["exp_avg_sq"]) for st in states]
-        masters = [local(st["master_weight"]) for st in states] if work.master else [None] * len(states)
+        loc = local if work.dtensor else (lambda t: t)  # DTensor: the kernels see local shards
+        means = [loc(st["exp_avg"]) for st in states]
+        vars_ = [loc(st["exp_avg_sq"]) for st in states]
+        masters = [loc(st["master_weight"]) for st in states] if work.master else [None] * len(states)
         rescale = None
         max_norm = group["max_grad_norm"]
         if inv_scale is not None or max_norm is not None:
@@ -371,9 +374,9 @@ class Lamb(Optimizer):
             rescale = factor.to(cdtype)
         lr = group["lr"]
         lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
-        weights = [local(p) for p in work.params]
+        weights = [loc(p) for p in work.params]
         return LambBatch(
-            weights=weights, grads=[local(p.grad) for p in work.params], means=means, vars=vars_,
+            weights=weights, grads=[loc(p.grad) for p in work.params], means=means, vars=vars_,
             masters=masters, outs=weights, scalars=scalars, lrs=[lr] * len(work.params),
             adapt=None if group["layer_adaptation"] else [False] * len(work.params),
             lower_bound=group["lower_bound"], upper_bound=group["upper_bound"],

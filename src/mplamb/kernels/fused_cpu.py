@@ -64,8 +64,16 @@ def _chunks(sizes: Tuple[int, ...]):
     return tensor, start, length
 
 
-def _addresses(tensors: Sequence[torch.Tensor]) -> "np.ndarray":
-    return np.fromiter((t.data_ptr() for t in tensors), dtype=np.int64, count=len(tensors))
+def _addresses(tensors: Sequence[torch.Tensor], stage: Optional[_Staging] = None,
+               written: Sequence[bool] = ()) -> "np.ndarray":
+    """Data addresses; with ``stage``, non-contiguous tensors are staged first (``written[k]``:
+    tensor ``k`` is written by the step, so its stand-in is copied back)."""
+    addr = np.empty(len(tensors), dtype=np.int64)
+    for k, t in enumerate(tensors):
+        if stage is not None and not t.is_contiguous():
+            t = stage.write(t) if (written[k] if written else True) else stage.read(t)
+        addr[k] = t.data_ptr()
+    return addr
 
 
 def _scalar_tables(batch: LambBatch, idx: List[int], cdtype: torch.dtype):
@@ -115,26 +123,25 @@ def phase1_batch(batch: LambBatch) -> Phase1Result:
     plans = []
     sumsq = np.zeros((2, n), dtype=np.float64)
     for (src_dtype, g_dtype, m_dtype, has_master, o_dtype), idx in _partition(batch).items():
-        srcs = [stage.write(batch.decay_source(i)) if has_master else stage.read(batch.weights[i]) for i in idx]
-        outs = []
-        for i, src in zip(idx, srcs):
-            o = batch.outs[i]
-            # out=weight (in place): the staged weight is the output
-            outs.append(src if (not has_master and o is batch.weights[i]) else stage.write(o))
-        grads = [stage.read(batch.grads[i]) for i in idx]
-        means = [stage.write(batch.means[i]) for i in idx]
-        vars_ = [stage.write(batch.vars[i]) for i in idx]
+        # the decay source is written with a master, or when the output is the weight itself (in place)
+        inplace = [not has_master and batch.outs[i] is batch.weights[i] for i in idx]
+        srcs = [batch.decay_source(i) for i in idx]
+        w_addr = _addresses(srcs, stage, [has_master or ip for ip in inplace])
+        outs = [batch.outs[i] for i in idx]
+        o_addr = w_addr if all(inplace) else np.where(inplace, w_addr, _addresses(outs, stage))
+        g_addr = _addresses([batch.grads[i] for i in idx], stage, [False] * len(idx))
+        m_addr = _addresses([batch.means[i] for i in idx], stage)
+        v_addr = _addresses([batch.vars[i] for i in idx], stage)
         sizes = tuple(t.numel() for t in srcs)
         ct, cs, cl = _chunks(sizes)
         cdtype = torch.float64 if m_dtype == torch.float64 else torch.float32
         scal, bias = _scalar_tables(batch, idx, cdtype)
         sz = np.asarray(sizes, dtype=np.int64)
-        w_addr, m_addr, v_addr = _addresses(srcs), _addresses(means), _addresses(vars_)
         partial = np.empty((ct.shape[0], 2), dtype=np.float64)
-        K.phase1_pass(w_addr, _addresses(grads), m_addr, v_addr, sz, _MARK[src_dtype], _MARK[g_dtype],
+        K.phase1_pass(w_addr, g_addr, m_addr, v_addr, sz, _MARK[src_dtype], _MARK[g_dtype],
                       _MARK[m_dtype], scal, bias, ct, cs, cl, partial)
         sumsq[:, idx] = K.sum_chunks(partial, ct, len(idx))
-        plans.append((idx, w_addr, m_addr, v_addr, _addresses(outs), sz, src_dtype, m_dtype, o_dtype, has_master,
+        plans.append((idx, w_addr, m_addr, v_addr, o_addr, sz, src_dtype, m_dtype, o_dtype, has_master,
                       scal, bias, ct, cs, cl))
     return Phase1Result(sumsq=torch.from_numpy(sumsq), carry=(plans, stage))
 
@@ -182,11 +189,11 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, g in enumerate(grads):
         by_dtype.setdefault(g.dtype, []).append(i)
     for dtype, idx in by_dtype.items():
-        gs = [stage.read(grads[i]) for i in idx]
+        gs = [grads[i] for i in idx]
         sizes = tuple(g.numel() for g in gs)
         ct, cs, cl = _chunks(sizes)
         partial = np.empty((ct.shape[0], 1), dtype=np.float64)
-        K.grad_sumsq_pass(_addresses(gs), np.asarray(sizes, dtype=np.int64), _MARK[dtype], ct, cs, cl, partial)
+        K.grad_sumsq_pass(_addresses(gs, stage, [False] * len(gs)), np.asarray(sizes, dtype=np.int64), _MARK[dtype], ct, cs, cl, partial)
         out[idx] = K.sum_chunks(partial, ct, len(idx))[0]
     return torch.from_numpy(out)
 

@@ -73,7 +73,10 @@ def phase1_batch(batch: LambBatch) -> Phase1Result:
     for i in range(n):
         sc = batch.scalars[i]
         master = batch.masters[i]
-        w = stage.write(master) if master is not None else stage.read(batch.weights[i])
+        weight = batch.weights[i]
+        # the decay source is written with a master, or when the output is the weight itself (in place)
+        w = stage.write(master if master is not None else weight) if (
+            master is not None or batch.outs[i] is weight) else stage.read(weight)
         g, m, v = stage.read(batch.grads[i]), stage.write(batch.means[i]), stage.write(batch.vars[i])
         numel = w.numel()
         blocks = max(1, -(-numel // BLOCK))
