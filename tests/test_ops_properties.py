@@ -37,25 +37,37 @@ settings.load_profile("mplamb")
 
 
 def make(shape, dtype, seed, *, layout="contiguous", positive=False, scale=1.0):
-    """A tensor of ``shape``; ``layout="strided"`` returns a non-contiguous view of a larger buffer."""
+    """A tensor of ``shape``; ``layout="strided"`` returns a non-contiguous view of a larger buffer
+    (every other element), ``"transposed"`` a transposed 2-D tensor."""
     g = torch.Generator().manual_seed(seed)
     if layout == "strided" and len(shape) >= 1:
-        big = torch.randn((*shape[:-1], shape[-1] * 2 + 1), generator=g, dtype=torch.float64)
-        x = big[..., 1::2]
+        x = torch.randn((*shape[:-1], shape[-1] * 2 + 1), generator=g, dtype=torch.float64)
     elif layout == "transposed" and len(shape) == 2:
-        x = torch.randn((shape[1], shape[0]), generator=g, dtype=torch.float64).t()
+        x = torch.randn((shape[1], shape[0]), generator=g, dtype=torch.float64)
     else:
         x = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
-    x = x * scale
-    if positive:
-        x = x.abs()
-    return x.to(dtype) if x.is_contiguous() or layout == "contiguous" else _keep_layout(x, dtype)
+    x = x.abs() * scale if positive else x * scale
+    if layout == "strided" and len(shape) >= 1:
+        x = x[..., 1::2]
+    elif layout == "transposed" and len(shape) == 2:
+        x = x.t()
+    return _keep_layout(x, dtype)
 
 
 def _keep_layout(x, dtype):
-    out = torch.empty_strided(x.shape, x.stride(), dtype=dtype)
+    """``x`` converted to ``dtype`` in a buffer with ``x``'s strides (a strided view stays strided)."""
+    if x.is_contiguous():
+        return x.to(dtype)
+    base = torch.empty(x.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride())),
+                       dtype=dtype)
+    out = base.as_strided(x.shape, x.stride(), x.storage_offset())
     out.copy_(x)
     return out
+
+
+def test_layouts_are_what_they_claim():
+    assert not make((7,), torch.float32, 0, layout="strided").is_contiguous()
+    assert not make((33, 17), torch.bfloat16, 0, layout="transposed").is_contiguous()
 
 
 def exact(actual: torch.Tensor, expected_np: np.ndarray, dtype: torch.dtype, what: str):
