@@ -41,8 +41,9 @@ def test_training_reduces_loss(corpus):
 @pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
 def test_resume_equals_uninterrupted_bitwise(tmp_path, corpus, optimizer):
     cfg = TrainConfig(**TINY, optimizer=optimizer)
-    full = train(cfg, corpus, tmp_path / "a", progress=False) if (tmp_path / "a").mkdir() is None else None
+    (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
+    full = train(cfg, corpus, tmp_path / "a", progress=False)
     train(cfg, corpus, tmp_path / "b", progress=False, stop_after=3, ckpt_every=100)
     resumed = train(cfg, corpus, tmp_path / "b", progress=False, resume=True)
     for name, p in full["final_state"].items():
