@@ -64,16 +64,15 @@ def _chunks(sizes: Tuple[int, ...]):
     return tensor, start, length
 
 
-def _addresses(tensors: Sequence[torch.Tensor], stage: Optional[_Staging] = None,
-               written: Sequence[bool] = ()) -> "np.ndarray":
-    """Data addresses; with ``stage``, non-contiguous tensors are staged first (``written[k]``:
-    tensor ``k`` is written by the step, so its stand-in is copied back)."""
-    addr = np.empty(len(tensors), dtype=np.int64)
+def _addresses(tensors: Sequence[torch.Tensor], stage: _Staging, written: Sequence[bool] = ()) -> "np.ndarray":
+    """Data addresses, non-contiguous tensors staged first (``written[k]``, default True: tensor ``k``
+    is written by the step, so its stand-in is copied back)."""
+    ptrs = []
     for k, t in enumerate(tensors):
-        if stage is not None and not t.is_contiguous():
+        if not t.is_contiguous():
             t = stage.write(t) if (written[k] if written else True) else stage.read(t)
-        addr[k] = t.data_ptr()
-    return addr
+        ptrs.append(t.data_ptr())
+    return np.array(ptrs, dtype=np.int64)
 
 
 def _scalar_tables(batch: LambBatch, idx: List[int], cdtype: torch.dtype):
