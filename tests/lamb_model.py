@@ -6,7 +6,7 @@ from the documented algorithm rather than from mplamb's kernels.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 

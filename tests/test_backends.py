@@ -9,8 +9,6 @@ norms came out bit-identical, which is the usual case for float32.
 """
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from hypothesis import given, settings

@@ -7,7 +7,6 @@ the ``state_dict`` policy.  It contains no elementwise math: every step is one
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 

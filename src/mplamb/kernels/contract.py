@@ -16,12 +16,12 @@ backend is called; backends never validate and never allocate state.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
-from .._scalars import Phase1Scalars, compute_dtype, f32, step_sizes
+from .._scalars import Phase1Scalars, step_sizes
 
 __all__ = ["LambBatch", "StepResult", "Phase1Result", "NormReducer", "local_reducer", "step_sizes_for",
            "finish_norms", "run_step"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -192,7 +192,8 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         sizes = tuple(g.numel() for g in gs)
         ct, cs, cl = _chunks(sizes)
         partial = np.empty((ct.shape[0], 1), dtype=np.float64)
-        K.grad_sumsq_pass(_addresses(gs, stage, [False] * len(gs)), np.asarray(sizes, dtype=np.int64), _MARK[dtype], ct, cs, cl, partial)
+        K.grad_sumsq_pass(_addresses(gs, stage, [False] * len(gs)), np.asarray(sizes, dtype=np.int64), _MARK[dtype],
+                          ct, cs, cl, partial)
         out[idx] = K.sum_chunks(partial, ct, len(idx))[0]
     return torch.from_numpy(out)
 

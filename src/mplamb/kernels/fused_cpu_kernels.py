@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 from numba import carray, njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 CHUNK = 8192  # elements per parallel work item; the only temporary is one such buffer per chunk
