@@ -120,7 +120,8 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
         n = numel(shapes)
         for setup in setups:
             dtype = SETUPS[setup]
-            grads32 = [p.detach().clone() * 0.0 + torch.randn(p.shape) * 1e-3 for p in _params(shapes, torch.float32, 1)]
+            gen = torch.Generator().manual_seed(1)
+            grads32 = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
             cands = []
             for b in backends:
                 ps = _params(shapes, dtype)

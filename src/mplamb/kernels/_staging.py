@@ -21,7 +21,11 @@ class Staging:
         self._by_id: Dict[int, torch.Tensor] = {}
 
     def read(self, t: torch.Tensor) -> torch.Tensor:
-        return t if t.is_contiguous() else self._by_id.setdefault(id(t), t.contiguous())
+        if t.is_contiguous():
+            return t
+        if id(t) not in self._by_id:
+            self._by_id[id(t)] = t.contiguous()
+        return self._by_id[id(t)]
 
     def write(self, t: torch.Tensor) -> torch.Tensor:
         if t.is_contiguous():

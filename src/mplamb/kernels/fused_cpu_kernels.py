@@ -103,10 +103,8 @@ def _load(x):
 
 @overload(store, inline="always")
 def _store(x, marker):
-    if marker == types.float32:
-        return lambda x, marker: np.float32(x)
-    if marker == types.float64:
-        return lambda x, marker: np.float64(x)
+    if marker == types.float32 or marker == types.float64:
+        return lambda x, marker: cast_like(x, marker)
     if marker == types.uint16:  # float32 -> bfloat16, round to nearest even, NaN -> 0x7FC0 (torch's rule)
         def bf16(x, marker):
             u = _bits_from_f32(x)
