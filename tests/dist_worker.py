@@ -19,6 +19,7 @@ import mplamb
 
 STEPS = 5
 HP = dict(lr=0.05, weight_decay=0.01, max_grad_norm=0.5)
+NO_CLIP = dict(lr=0.05, weight_decay=0.01)  # no global-norm clipping: a sharded step costs one all-reduce
 
 
 def make_model(dtype=torch.float32):
@@ -49,9 +50,9 @@ def max_diff(model, ref):
     return max(float((full(a) - full(b)).abs().max()) for a, b in zip(model.parameters(), ref.parameters()))
 
 
-def reference(dtype=torch.float32):
+def reference(dtype=torch.float32, hp=HP):
     model = make_model(dtype)
-    train(model, mplamb.Lamb(model.parameters(), **HP), dtype=dtype)
+    train(model, mplamb.Lamb(model.parameters(), **hp), dtype=dtype)
     return model
 
 
@@ -99,7 +100,7 @@ def fsdp_model(dtype):
     return model
 
 
-def scenario_fsdp2(dtype, local_norms=False):
+def scenario_fsdp2(dtype, local_norms=False, hp=HP):
     from torch.distributed.tensor.debug import CommDebugMode
 
     model = fsdp_model(dtype)
@@ -109,7 +110,7 @@ def scenario_fsdp2(dtype, local_norms=False):
         saved = mo.shard_group
         mo.shard_group = lambda p, pg=None: None
     try:
-        opt = mplamb.Lamb(model.parameters(), **HP)
+        opt = mplamb.Lamb(model.parameters(), **hp)
         x, y = data()
         train(model, opt, STEPS - 1, dtype=dtype)
         opt.zero_grad()
@@ -122,10 +123,35 @@ def scenario_fsdp2(dtype, local_norms=False):
     counts = {str(k): v for k, v in comm.get_comm_counts().items()}
     local_sizes = [p.to_local().numel() for p in model.parameters()]
     state = opt.state[next(iter(model.parameters()))]
-    return {"max_diff": max_diff(model, reference(dtype)), "comm_counts": counts,
+    return {"max_diff": max_diff(model, reference(dtype, hp)), "comm_counts": counts,
             "total_collectives": comm.get_total_counts(), "local_sizes": local_sizes,
             "param_dtype": str(next(model.parameters()).dtype), "state_keys": sorted(state),
             "master_is_dtensor": type(state.get("master_weight", None)).__name__}
+
+
+def scenario_fsdp2_nan_on_one_shard():
+    """A NaN in rank 1's shard only: the single all-reduce carries it, every rank skips, nothing changes."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    model = fsdp_model(torch.bfloat16)
+    opt = mplamb.Lamb(model.parameters(), **NO_CLIP)
+    train(model, opt, 2, dtype=torch.bfloat16)
+    x, y = data()
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x.to(torch.bfloat16)).float(), y).backward()
+    if dist.get_rank() == 1:
+        model[0].weight.grad.to_local().view(-1)[0] = float("nan")
+    before = [full(p) for p in model.parameters()]
+    state_before = [{k: (full(v) if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+                    for p in model.parameters()]
+    with CommDebugMode() as comm:
+        opt.step()
+    unchanged = all(torch.equal(a, full(b)) for a, b in zip(before, model.parameters()))
+    for p, old in zip(model.parameters(), state_before):
+        for k, v in opt.state[p].items():
+            unchanged &= (torch.equal(old[k], full(v)) if isinstance(v, torch.Tensor) else old[k] == v)
+    return {"unchanged": bool(unchanged), "skipped_steps": opt.skipped_steps,
+            "total_collectives": comm.get_total_counts()}
 
 
 def scenario_fsdp2_fp32_params_bf16_compute():
@@ -183,6 +209,11 @@ def main():
                      ("fsdp2_fp32", lambda: scenario_fsdp2(torch.float32)),
                      ("fsdp2_bf16", lambda: scenario_fsdp2(torch.bfloat16)),
                      ("fsdp2_local_norms", lambda: scenario_fsdp2(torch.float32, local_norms=True)),
+                     ("fsdp2_fp32_no_clip", lambda: scenario_fsdp2(torch.float32, hp=NO_CLIP)),
+                     ("fsdp2_bf16_no_clip", lambda: scenario_fsdp2(torch.bfloat16, hp=NO_CLIP)),
+                     ("fsdp2_local_norms_no_clip",
+                      lambda: scenario_fsdp2(torch.float32, local_norms=True, hp=NO_CLIP)),
+                     ("fsdp2_nan_on_one_shard", scenario_fsdp2_nan_on_one_shard),
                      ("fsdp2_mp_policy", scenario_fsdp2_fp32_params_bf16_compute),
                      ("process_group", scenario_process_group)]:
         if only is not None and name not in only:

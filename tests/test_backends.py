@@ -78,10 +78,11 @@ def assert_same(a, b, what):
     assert bool(same.all()), f"{what}: {int((~same).sum())} elements differ"
 
 
-def run_both(backend, **kw):
+def run_both(backend, dry=False, **kw):
+    """One step of ``backend`` (``dry``: through the dry phase 1) against the reference's plain step."""
     ref_batch, fast_batch = build(**kw), build(**kw)
     ref = get_backend("reference").lamb_step(ref_batch)
-    fast = get_backend(backend).lamb_step(fast_batch)
+    fast = get_backend(backend).lamb_step(fast_batch, dry=dry)
     exact_norms = torch.equal(fast.step_sizes, ref.step_sizes)
     for k, ((a, moment), (b, _)) in enumerate(zip(tensors(ref_batch), tensors(fast_batch))):
         if moment or exact_norms:
@@ -137,10 +138,39 @@ HP = st.fixed_dictionaries({
 
 @pytest.mark.parametrize("backend", OTHER)
 @pytest.mark.parametrize("dtype,master", DTYPE_MODES[:4])
-@given(hp=HP, seed=st.integers(0, 1000))
+@given(hp=HP, seed=st.integers(0, 1000), dry=st.booleans())
 @settings(max_examples=8, deadline=None)
-def test_backend_matches_reference_hyper_parameters(backend, dtype, master, hp, seed):
-    run_both(backend, seed=seed, weight_dtype=dtype, master=master, shapes=[(5,), (300,), (1,)], hp=hp)
+def test_backend_matches_reference_hyper_parameters(backend, dtype, master, hp, seed, dry):
+    run_both(backend, dry=dry, seed=seed, weight_dtype=dtype, master=master, shapes=[(5,), (300,), (1,)], hp=hp)
+
+
+ALL = ["reference"] + OTHER
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype,master", DTYPE_MODES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_dry_step_matches_the_plain_step(backend, dtype, master, layout):
+    """Moments written in phase 2 instead of phase 1: the same step, bit for bit."""
+    run_both(backend, dry=True, seed=2, weight_dtype=dtype, master=master, shapes=SHAPES, layout=layout)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True), (torch.float64, False),
+                                          (torch.float16, False)])
+def test_dry_phase1_writes_nothing_and_adds_gradient_norms(backend, dtype, master):
+    impl = get_backend(backend)
+    batch = build(seed=4, weight_dtype=dtype, master=master, shapes=SHAPES, layout="strided")
+    before = [t.clone() for t, _ in tensors(batch)]
+    p1 = impl.phase1_batch(batch, dry=True)
+    for k, ((t, _), b) in enumerate(zip(tensors(batch), before)):
+        assert torch.equal(t, b), f"tensor {k} written by a dry phase 1"  # (no NaN in this batch)
+    assert p1.dry and p1.sumsq.shape == (3, len(SHAPES))
+    plain = impl.phase1_batch(build(seed=4, weight_dtype=dtype, master=master, shapes=SHAPES, layout="strided"))
+    assert plain.sumsq.shape == (2, len(SHAPES))
+    torch.testing.assert_close(p1.sumsq[:2], plain.sumsq, rtol=0, atol=0)
+    torch.testing.assert_close(p1.sumsq[2], get_backend("reference").grad_sum_of_squares(batch.grads),
+                               rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("backend", OTHER)

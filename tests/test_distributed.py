@@ -63,7 +63,7 @@ def test_zero1_nan_on_one_partition_skips_on_every_rank(results):
     assert r0["nan_skipped_everywhere"] and r1["nan_skipped_everywhere"]
 
 
-@pytest.mark.parametrize("name", ["fsdp2_fp32", "fsdp2_bf16"])
+@pytest.mark.parametrize("name", ["fsdp2_fp32", "fsdp2_bf16", "fsdp2_fp32_no_clip", "fsdp2_bf16_no_clip"])
 def test_fsdp2_matches_single_process_with_an_empty_shard(results, name):
     r0, r1 = _ok(results, name)
     assert r0["max_diff"] <= 1e-6 and r1["max_diff"] <= 1e-6
@@ -71,8 +71,22 @@ def test_fsdp2_matches_single_process_with_an_empty_shard(results, name):
     assert r0["local_sizes"] != r1["local_sizes"]  # uneven shards
 
 
-def test_fsdp2_step_costs_two_all_reduces_in_total(results):
-    """One all-reduce of gradient statistics and one of weight/update norms, for all 4 parameters."""
+@pytest.mark.parametrize("name", ["fsdp2_fp32_no_clip", "fsdp2_bf16_no_clip"])
+def test_fsdp2_step_costs_exactly_one_all_reduce(results, name):
+    """Weight, update and gradient norms of all 4 parameters (one sharding group): one all-reduce."""
+    for r in _ok(results, name):
+        assert r["total_collectives"] == 1, r["comm_counts"]
+        assert r["comm_counts"] == {"c10d.allreduce_": 1}
+
+
+def test_fsdp2_nan_on_one_shard_skips_on_every_rank_in_the_same_collective(results):
+    for r in _ok(results, "fsdp2_nan_on_one_shard"):
+        assert r["unchanged"] and r["skipped_steps"] == 1
+        assert r["total_collectives"] == 1
+
+
+def test_fsdp2_step_with_max_grad_norm_costs_two_all_reduces(results):
+    """The clip factor scales the gradient before the moments: gradient norms first, then the others."""
     for name in ("fsdp2_fp32", "fsdp2_bf16"):
         r0, r1 = _ok(results, name)
         for r in (r0, r1):
@@ -91,9 +105,10 @@ def test_fsdp2_fp32_sharded_params_get_no_second_master(results):
     assert r0["state_keys"] == ["exp_avg", "exp_avg_sq", "step"]
 
 
-def test_local_shard_norms_would_be_caught(results):
+@pytest.mark.parametrize("name", ["fsdp2_local_norms", "fsdp2_local_norms_no_clip"])
+def test_local_shard_norms_would_be_caught(results, name):
     """The bug of LAMBs that take norms of the local shard: the same comparison fails clearly."""
-    r0, r1 = _ok(results, "fsdp2_local_norms")
+    r0, r1 = _ok(results, name)
     assert r0["max_diff"] > 1e-4 and r0["total_collectives"] == 0
 
 

@@ -290,9 +290,12 @@ class Lamb(Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One LAMB step over every parameter with a gradient (skipped if any gradient is non-finite).
 
-        Sharded parameters cost two all-reduces per process group and step, whatever the number of
-        parameters: the gradients' squared norms (global clipping norm, and an agreed non-finite
-        skip) before phase 1, the weights' and updates' squared norms between the phases.
+        Sharded parameters (DTensor, ``process_group``) cost **one** all-reduce per process group
+        and step, whatever the number of parameters: phase 1 runs *dry* (nothing written), and one
+        all-reduce of the weights', updates' and gradients' squared norms gives the trust ratios
+        and an agreed non-finite skip before anything is written.  With ``max_grad_norm`` (the
+        clip factor scales the gradient before the moments, so it must be known before phase 1)
+        or ZeRO's ``partition_group`` it costs two: the gradients' norms first, then the others.
         """
         loss = None
         if closure is not None:
@@ -303,33 +306,68 @@ class Lamb(Optimizer):
             return loss
         inv_scale, found_inf = self._amp()
         anchor = works[0].params[0].device if works else torch.device("cpu")
-
-        # Gradient norms: one pass over the gradients gives the global norm and the finite check.
-        for w in works:
-            w.grad_sumsq = w.backend.grad_sum_of_squares([local(p.grad) if w.dtensor else p.grad for p in w.params])
-        for w, g in zip(works, self._reduce(works, [w.grad_sumsq for w in works])):
-            w.grad_sumsq = g
-        total = torch.zeros((), dtype=torch.float64, device=anchor)
-        for w in works:
-            total = total + w.grad_sumsq.sum().to(anchor) * float(w.group["rescale_grad"]) ** 2
-        if inv_scale is not None:
-            total = total * inv_scale.to(anchor) ** 2
         bad = torch.zeros((), dtype=torch.float64, device=anchor)
         if found_inf is not None:
             bad = bad + (found_inf.to(anchor) > 0).to(torch.float64)
+        one_collective = (self.partition_group is None and any(w.group_pg is not None for w in works)
+                          and all(w.group["max_grad_norm"] is None for w in works))
+        if one_collective:
+            self._step_dry(works, inv_scale, bad, anchor)
+        else:
+            self._step_plain(works, inv_scale, bad, anchor)
+        return loss
+
+    def _global_grad_norm(self, works: List[_Work], sumsqs: List[torch.Tensor], inv_scale: Optional[torch.Tensor],
+                          anchor: torch.device) -> torch.Tensor:
+        """``sqrt(sum_i rescale_i**2 ||grad_i||**2) / loss_scale`` from reduced per-tensor sums of squares."""
+        total = torch.zeros((), dtype=torch.float64, device=anchor)
+        for w, sq in zip(works, sumsqs):
+            total = total + sq.sum().to(anchor) * float(w.group["rescale_grad"]) ** 2
+        if inv_scale is not None:
+            total = total * inv_scale.to(anchor) ** 2
+        return torch.sqrt(total)
+
+    def _skip(self, bad: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        if bool((bad > 0) | ~torch.isfinite(grad_norm)):  # the one host synchronisation of a step
+            self.skipped_steps += 1
+            return True
+        self.last_grad_norm = grad_norm
+        return False
+
+    def _step_plain(self, works: List[_Work], inv_scale: Optional[torch.Tensor], bad: torch.Tensor,
+                    anchor: torch.device) -> None:
+        """Gradient norms (global clipping norm, finite check), then phase 1, norms, phase 2."""
+        for w in works:
+            w.grad_sumsq = w.backend.grad_sum_of_squares([local(p.grad) if w.dtensor else p.grad for p in w.params])
+        sumsqs = self._reduce(works, [w.grad_sumsq for w in works])
+        total = self._global_grad_norm(works, sumsqs, inv_scale, anchor) ** 2
         if self.partition_group is not None:  # ZeRO-1: every process holds other parameters
             pg = None if self.partition_group == "world" else self.partition_group  # None: the default group
             both = all_reduce_sum(torch.stack([total, bad]), pg)
             total, bad = both[0], both[1]
         grad_norm = torch.sqrt(total)
-        if bool((bad > 0) | ~torch.isfinite(grad_norm)):  # the one host synchronisation of a step
-            self.skipped_steps += 1
-            return loss
-        self.last_grad_norm = grad_norm
-
+        if self._skip(bad, grad_norm):
+            return
         batches = [self._batch(w, grad_norm, inv_scale) for w in works]
         firsts = [w.backend.phase1_batch(b) for w, b in zip(works, batches)]
+        self._finish(works, batches, firsts, self._reduce(works, [p1.sumsq for p1 in firsts]))
+
+    def _step_dry(self, works: List[_Work], inv_scale: Optional[torch.Tensor], bad: torch.Tensor,
+                  anchor: torch.device) -> None:
+        """Dry phase 1 everywhere, one all-reduce per process group, then phase 2 or an agreed skip."""
+        fresh = [p for w in works for p in w.params if not self.state[p]]
+        batches = [self._batch(w, None, inv_scale) for w in works]
+        firsts = [w.backend.phase1_batch(b, dry=True) for w, b in zip(works, batches)]
         reduced = self._reduce(works, [p1.sumsq for p1 in firsts])
+        grad_norm = self._global_grad_norm(works, [r[2] for r in reduced], inv_scale, anchor)
+        if self._skip(bad, grad_norm):
+            for p in fresh:  # nothing was written; lazily created state goes too
+                del self.state[p]
+            return
+        self._finish(works, batches, firsts, [r[:2] for r in reduced])
+
+    def _finish(self, works: List[_Work], batches: List[LambBatch], firsts: list, reduced: List[torch.Tensor]) -> None:
+        """Step sizes from the reduced norms, phase 2, step counts and telemetry."""
         self._last = []
         for w, batch, p1, sumsq in zip(works, batches, firsts, reduced):
             sumsq, steps, ratios = finish_norms(batch, sumsq, local_reducer)
@@ -337,9 +375,8 @@ class Lamb(Optimizer):
             for st in w.states:
                 st["step"] += 1
             self._last.append((w.params, StepResult(sumsq=sumsq, step_sizes=steps, trust_ratios=ratios)))
-        return loss
 
-    def _batch(self, work: _Work, grad_norm: torch.Tensor, inv_scale: Optional[torch.Tensor]) -> LambBatch:
+    def _batch(self, work: _Work, grad_norm: Optional[torch.Tensor], inv_scale: Optional[torch.Tensor]) -> LambBatch:
         group = work.group
         device = work.params[0].device
         beta1, beta2 = group["betas"]

@@ -2,9 +2,16 @@
 
 A backend provides two halves of a step:
 
-* ``phase1_batch(batch) -> Phase1Result``: phase 1 on every tensor, in place, and the
-  local squared norms ``[||w_i||^2, ||g_i||^2]`` as a ``(2, n)`` float64 tensor;
+* ``phase1_batch(batch, dry=False) -> Phase1Result``: phase 1 on every tensor, in place, and
+  the local squared norms ``[||w_i||^2, ||g_i||^2]`` as a ``(2, n)`` float64 tensor;
 * ``phase2_batch(batch, p1, steps)``: phase 2 with the per-tensor step sizes.
+
+A *dry* phase 1 (``dry=True``) mutates nothing: it computes the new moments and the
+directions only to sum their squares, and adds a third row, the raw gradients' squared
+norms ``||grad_i||^2``.  Its phase 2 then recomputes the moments (bitwise the same values)
+and writes them with the weights.  The optimizer uses it for sharded parameters: one
+all-reduce of all three rows then gives the trust ratios *and* the agreed non-finite skip
+before anything has been written, so a step costs a single collective.
 
 Between them the caller reduces the squared norms (identity on one process; one
 all-reduce of partial norms when tensors are shards, for every batch that shares a
@@ -31,10 +38,12 @@ NormReducer = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class Phase1Result:
-    """Local squared norms ``(2, n)`` float64, and whatever the backend's phase 2 needs (``carry``)."""
+    """Local squared norms ``(2, n)`` float64 (``(3, n)`` with the gradients' row when ``dry``), and
+    whatever the backend's phase 2 needs (``carry``)."""
 
     sumsq: torch.Tensor
     carry: Any = None
+    dry: bool = False
 
 
 def local_reducer(sumsq: torch.Tensor) -> torch.Tensor:
@@ -156,9 +165,13 @@ def finish_norms(batch: LambBatch, sumsq: torch.Tensor, reducer: NormReducer) ->
     return sumsq, step_sizes_for(batch, sumsq), step_sizes_for(batch, sumsq, unit_lr=True)
 
 
-def run_step(backend: Any, batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
-    """One whole step of ``backend`` over ``batch``: phase 1, reduced norms, phase 2."""
-    p1 = backend.phase1_batch(batch)
-    sumsq, steps, ratios = finish_norms(batch, p1.sumsq, reducer)
+def run_step(backend: Any, batch: LambBatch, reducer: NormReducer = local_reducer, *,
+             dry: bool = False) -> StepResult:
+    """One whole step of ``backend`` over ``batch``: phase 1, reduced norms, phase 2.
+
+    ``dry=True`` runs the dry phase 1 (same result; the moments are written in phase 2).
+    """
+    p1 = backend.phase1_batch(batch, dry=dry)
+    sumsq, steps, ratios = finish_norms(batch, p1.sumsq[:2], reducer)
     backend.phase2_batch(batch, p1, steps)
     return StepResult(sumsq=sumsq, step_sizes=steps, trust_ratios=ratios)

@@ -39,11 +39,13 @@ def _sumsq(xs: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.sum() for t in torch._foreach_mul(x64, x64)])
 
 
-def phase1_batch(batch: LambBatch) -> Phase1Result:
+def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
+    """Phase 1 and local squared norms; with ``dry`` the new moments are kept for phase 2."""
     n = len(batch.weights)
     device = batch.weights[0].device if n else torch.device("cpu")
-    sumsq = torch.empty(2, n, dtype=torch.float64, device=device)
+    sumsq = torch.empty(3 if dry else 2, n, dtype=torch.float64, device=device)
     directions: List[torch.Tensor] = [None] * n  # type: ignore[list-item]
+    pending = []
     for (_, c), idx in _groups(batch).items():
         scs = [batch.scalars[i] for i in idx]
         w = [batch.decay_source(i).to(c) for i in idx]
@@ -57,8 +59,12 @@ def phase1_batch(batch: LambBatch) -> Phase1Result:
                                torch._foreach_mul(s, [sc.one_minus_beta1 for sc in scs]))
         v = torch._foreach_add(torch._foreach_mul([batch.vars[i].to(c) for i in idx], [sc.beta2 for sc in scs]),
                                torch._foreach_mul(torch._foreach_mul(s, [sc.one_minus_beta2 for sc in scs]), s))
-        torch._foreach_copy_([batch.means[i] for i in idx], m)
-        torch._foreach_copy_([batch.vars[i] for i in idx], v)
+        if dry:
+            pending.append((idx, m, v))
+            sumsq[2, idx] = _sumsq([batch.grads[i] for i in idx]).to(device)
+        else:
+            torch._foreach_copy_([batch.means[i] for i in idx], m)
+            torch._foreach_copy_([batch.vars[i] for i in idx], v)
         if scs[0].bias1 is not None:
             m = [t.to(c) for t in torch._foreach_div([t.to(torch.float64) for t in m], [sc.bias1 for sc in scs])]
             v = torch._foreach_div(v, [sc.bias2 for sc in scs])
@@ -68,12 +74,16 @@ def phase1_batch(batch: LambBatch) -> Phase1Result:
         sumsq[1, idx] = _sumsq(list(g)).to(device)
         for i, gi in zip(idx, g):
             directions[i] = gi
-    return Phase1Result(sumsq=sumsq, carry=directions)
+    return Phase1Result(sumsq=sumsq, carry=(directions, pending), dry=dry)
 
 
 def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
+    directions, pending = p1.carry
+    for idx, m, v in pending:
+        torch._foreach_copy_([batch.means[i] for i in idx], m)
+        torch._foreach_copy_([batch.vars[i] for i in idx], v)
     for (_, c), idx in _groups(batch).items():
-        g = [p1.carry[i] for i in idx]
+        g = [directions[i] for i in idx]
         w = [batch.decay_source(i).to(c) for i in idx]
         new = torch._foreach_sub(w, torch._foreach_mul(g, list(steps[idx].to(c).unbind())))
         masters = [batch.masters[i] for i in idx if batch.masters[i] is not None]
@@ -82,9 +92,9 @@ def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> Non
         torch._foreach_copy_([batch.outs[i] for i in idx], new)
 
 
-def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
+def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer, *, dry: bool = False) -> StepResult:
     """One LAMB step over ``batch`` with multi-tensor operations."""
-    return run_step(sys.modules[__name__], batch, reducer)
+    return run_step(sys.modules[__name__], batch, reducer, dry=dry)
 
 
 def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:

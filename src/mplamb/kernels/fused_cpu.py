@@ -112,15 +112,17 @@ def _partition(batch: LambBatch) -> Dict[tuple, List[int]]:
     return parts
 
 
-def phase1_batch(batch: LambBatch) -> Phase1Result:
-    """Phase 1 of every tensor of ``batch`` and its local squared norms (one parallel pass per dtype)."""
+def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
+    """Phase 1 of every tensor of ``batch`` and its local squared norms (one parallel pass per dtype;
+    ``dry``: nothing written, the gradients' squared norms added as a third row)."""
     if (batch.means[0].dtype in HALF_DTYPES if batch.uniform else any(m.dtype in HALF_DTYPES for m in batch.means)):
-        return Phase1Result(*_delegated(reference.phase1_batch(batch)))
+        p1 = reference.phase1_batch(batch, dry=dry)
+        return Phase1Result(p1.sumsq, ("reference", p1), dry=dry)
     _threads()
     n = len(batch.weights)
     stage = _Staging()
     plans = []
-    sumsq = np.zeros((2, n), dtype=np.float64)
+    sumsq = np.zeros((3 if dry else 2, n), dtype=np.float64)
     for (src_dtype, g_dtype, m_dtype, has_master, o_dtype), idx in _partition(batch).items():
         # the decay source is written with a master, or when the output is the weight itself (in place)
         inplace = [not has_master and batch.outs[i] is batch.weights[i] for i in idx]
@@ -136,17 +138,13 @@ def phase1_batch(batch: LambBatch) -> Phase1Result:
         cdtype = torch.float64 if m_dtype == torch.float64 else torch.float32
         scal, bias = _scalar_tables(batch, idx, cdtype)
         sz = np.asarray(sizes, dtype=np.int64)
-        partial = np.empty((ct.shape[0], 2), dtype=np.float64)
+        partial = np.empty((ct.shape[0], 3), dtype=np.float64)
         K.phase1_pass(w_addr, g_addr, m_addr, v_addr, sz, _MARK[src_dtype], _MARK[g_dtype],
-                      _MARK[m_dtype], scal, bias, ct, cs, cl, partial)
-        sumsq[:, idx] = K.sum_chunks(partial, ct, len(idx))
-        plans.append((idx, w_addr, m_addr, v_addr, o_addr, sz, src_dtype, m_dtype, o_dtype, has_master,
-                      scal, bias, ct, cs, cl))
-    return Phase1Result(sumsq=torch.from_numpy(sumsq), carry=(plans, stage))
-
-
-def _delegated(p1: Phase1Result):
-    return p1.sumsq, ("reference", p1)
+                      _MARK[m_dtype], scal, bias, ct, cs, cl, partial, not dry)
+        sumsq[:, idx] = K.sum_chunks(partial, ct, len(idx))[:sumsq.shape[0]]
+        plans.append((idx, w_addr, g_addr, m_addr, v_addr, o_addr, sz, src_dtype, g_dtype, m_dtype, o_dtype,
+                      has_master, scal, bias, ct, cs, cl))
+    return Phase1Result(sumsq=torch.from_numpy(sumsq), carry=(plans, stage), dry=dry)
 
 
 def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
@@ -155,25 +153,26 @@ def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> Non
         return reference.phase2_batch(batch, p1.carry[1], steps)
     plans, stage = p1.carry
     steps_np = steps.cpu().numpy()
-    for (idx, w_addr, m_addr, v_addr, o_addr, sz, src_dtype, m_dtype, o_dtype, has_master, scal, bias,
-         ct, cs, cl) in plans:
+    for (idx, w_addr, g_addr, m_addr, v_addr, o_addr, sz, src_dtype, g_dtype, m_dtype, o_dtype, has_master,
+         scal, bias, ct, cs, cl) in plans:
         steps_i = np.ascontiguousarray(steps_np[idx])
+        marks = (_MARK[src_dtype], _MARK[g_dtype], _MARK[m_dtype])
         if has_master:
-            K.phase2_master_pass(w_addr, m_addr, v_addr, o_addr, sz, _MARK[src_dtype], _MARK[m_dtype],
-                                 _MARK[o_dtype], scal, bias, steps_i, ct, cs, cl)
+            K.phase2_master_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sz, *marks, _MARK[o_dtype], scal, bias,
+                                 steps_i, ct, cs, cl, p1.dry)
         elif np.array_equal(w_addr, o_addr) and src_dtype == o_dtype:
-            K.phase2_inplace_pass(w_addr, m_addr, v_addr, sz, _MARK[src_dtype], _MARK[m_dtype], scal, bias,
-                                  steps_i, ct, cs, cl)
+            K.phase2_inplace_pass(w_addr, g_addr, m_addr, v_addr, sz, *marks, scal, bias, steps_i, ct, cs, cl,
+                                  p1.dry)
         else:
-            K.phase2_out_pass(w_addr, m_addr, v_addr, o_addr, sz, _MARK[src_dtype], _MARK[m_dtype],
-                              _MARK[o_dtype], scal, bias, steps_i, ct, cs, cl)
+            K.phase2_out_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sz, *marks, _MARK[o_dtype], scal, bias,
+                              steps_i, ct, cs, cl, p1.dry)
     stage.finish()
     return None
 
 
-def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
+def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer, *, dry: bool = False) -> StepResult:
     """One fused LAMB step over ``batch`` (see :class:`~mplamb.kernels.contract.LambBatch`)."""
-    return run_step(sys.modules[__name__], batch, reducer)
+    return run_step(sys.modules[__name__], batch, reducer, dry=dry)
 
 
 def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -8,6 +8,10 @@ Two passes over memory per step, parallel over fixed-size chunks of all tensors:
 * ``phase2_*_pass``: recomputes ``g`` from the stored mean/var and ``w`` and writes
   ``w - step * g`` in place, to the master and the rounded weight, or to an output.
 
+The *dry* form (``write=False`` in phase 1, ``recompute=True`` in phase 2) moves the
+moment writes to phase 2, which recomputes the same moments from the gradient; phase 1
+then writes nothing and also sums the raw gradients' squares (see the contract).
+
 The elementwise math is the reference's, operation for operation, in the compute
 dtype (float32, or float64 for float64 tensors); no fast-math flags, so LLVM neither
 reassociates nor contracts into FMAs and results are bit-identical to the reference.
@@ -153,12 +157,23 @@ def sum_of_squares(x):
 
 # ------------------------------------------------------------------ passes
 
+@njit(inline="always")
+def _moments(gj, mj, vj, rescale, clip, b1, b2, omb1, omb2):
+    """New ``(mean, var)`` of one element from its raw gradient (clip <= 0: no clipping)."""
+    s = load(gj) * rescale
+    if clip > 0:
+        s = clip if s > clip else s
+        s = -clip if s < -clip else s
+    return mj * b1 + s * omb1, vj * b2 + (s * omb2) * s
+
+
 @njit(parallel=True, cache=True)
 def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
-                scal, bias, chunk_tensor, chunk_start, chunk_len, partial):
+                scal, bias, chunk_tensor, chunk_start, chunk_len, partial, write):
     """Phase 1 + local squared norms.  ``scal[i]`` = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2,
     eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2) as float64 (0: off).
-    ``partial[k]`` receives (sum w**2, sum g**2) of chunk ``k``."""
+    ``partial[k]`` receives (sum w**2, sum g**2, sum grad**2) of chunk ``k``; the moments are written
+    only when ``write`` (the gradients' column only when not)."""
     for k in prange(chunk_tensor.shape[0]):
         i = chunk_tensor[k]
         s0 = chunk_start[k]
@@ -172,79 +187,114 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
         bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
         dirs = np.empty(n, dtype=scal.dtype)  # the chunk's directions: the step's only temporary
-        for j in range(n):
-            s = load(g[j]) * rescale
-            if clip > 0:
-                s = clip if s > clip else s
-                s = -clip if s < -clip else s
-            m = mean[j] * b1 + s * omb1
-            v = var[j] * b2 + (s * omb2) * s
-            mean[j] = m
-            var[j] = v
-            dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2)
+        if write:
+            for j in range(n):
+                m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
+                mean[j] = m
+                var[j] = v
+                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2)
+            partial[k, 2] = 0.0
+        else:
+            for j in range(n):
+                m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
+                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2)
+            partial[k, 2] = sum_of_squares(g)
         partial[k, 0] = sum_of_squares(w)
         partial[k, 1] = sum_of_squares(dirs)
 
 
 @njit(inline="always")
 def _new_weight(m, v, w, step, eps, wd, bias1, bias2):
-    """Phase 2 for one element: ``w - step * g`` with ``g`` recomputed from the stored moments."""
+    """Phase 2 for one element: ``w - step * g`` with ``g`` recomputed from the moments."""
     return w - step * _direction(m, v, w, eps, wd, bias1, bias2)
 
 
 @njit(inline="always")
-def _phase2_chunk(k, w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bias, steps,
+def _phase2_chunk(k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
                   chunk_tensor, chunk_start, chunk_len):
-    """The arrays and scalars of chunk ``k`` in phase 2: (tensor, start, length, w, mean, var,
-    eps, wd, bias1, bias2, step)."""
+    """The arrays and scalars of chunk ``k`` in phase 2: (tensor, start, length, w, grad, mean, var,
+    rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd, bias1, bias2, step)."""
     i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
     size = sizes[i]
     w = view(w_addr[i], size, w_mark)[s0:s0 + n]
+    g = view(g_addr[i], size, g_mark)[s0:s0 + n]
     mean = view(m_addr[i], size, m_mark)[s0:s0 + n]
     var = view(v_addr[i], size, m_mark)[s0:s0 + n]
     eps, wd = scal[i, 6], scal[i, 7]
-    return i, s0, n, w, mean, var, eps, wd, bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps)
+    return (i, s0, n, w, g, mean, var, scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], scal[i, 4], scal[i, 5],
+            eps, wd, bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps))
 
 
 # Three loop bodies, so that LLVM sees exactly which arrays are written: an in-place update
 # (``w`` read and written through one array: no aliasing checks, vectorised), a master update
 # (master and rounded output), and an update into a separate output (the operators' ``out=``).
+# Each has two loops: moments read (after a writing phase 1) or recomputed and written (after
+# a dry one).
 
 @njit(parallel=True, cache=True)
-def phase2_inplace_pass(w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bias, steps,
-                        chunk_tensor, chunk_start, chunk_len):
+def phase2_inplace_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
+                        chunk_tensor, chunk_start, chunk_len, recompute):
     """``w = w - step * g`` in place."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n, w, mean, var, eps, wd, bias1, bias2, step = _phase2_chunk(
-            k, w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bias, steps, chunk_tensor, chunk_start, chunk_len)
-        for j in range(n):
-            w[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), w_mark)
+        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, step = \
+            _phase2_chunk(
+            k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
+            chunk_tensor, chunk_start, chunk_len)
+        if recompute:
+            for j in range(n):
+                m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
+                mean[j] = m
+                var[j] = v
+                w[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2), w_mark)
+        else:
+            for j in range(n):
+                w[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), w_mark)
 
 
 @njit(parallel=True, cache=True)
-def phase2_master_pass(w_addr, m_addr, v_addr, o_addr, sizes, w_mark, m_mark, o_mark, scal, bias, steps,
-                       chunk_tensor, chunk_start, chunk_len):
+def phase2_master_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mark, m_mark, o_mark, scal, bias,
+                       steps, chunk_tensor, chunk_start, chunk_len, recompute):
     """``master = master - step * g`` in place and ``out = dtype(master)``."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n, w, mean, var, eps, wd, bias1, bias2, step = _phase2_chunk(
-            k, w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bias, steps, chunk_tensor, chunk_start, chunk_len)
+        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, step = \
+            _phase2_chunk(
+            k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
+            chunk_tensor, chunk_start, chunk_len)
         out = view(o_addr[i], sizes[i], o_mark)[s0:s0 + n]
-        for j in range(n):
-            new = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2)
-            w[j] = new
-            out[j] = store(new, o_mark)
+        if recompute:
+            for j in range(n):
+                m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
+                mean[j] = m
+                var[j] = v
+                new = _new_weight(m, v, w[j], step, eps, wd, bias1, bias2)
+                w[j] = new
+                out[j] = store(new, o_mark)
+        else:
+            for j in range(n):
+                new = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2)
+                w[j] = new
+                out[j] = store(new, o_mark)
 
 
 @njit(parallel=True, cache=True)
-def phase2_out_pass(w_addr, m_addr, v_addr, o_addr, sizes, w_mark, m_mark, o_mark, scal, bias, steps,
-                    chunk_tensor, chunk_start, chunk_len):
+def phase2_out_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mark, m_mark, o_mark, scal, bias,
+                    steps, chunk_tensor, chunk_start, chunk_len, recompute):
     """``out = w - step * g`` (``w`` only read)."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n, w, mean, var, eps, wd, bias1, bias2, step = _phase2_chunk(
-            k, w_addr, m_addr, v_addr, sizes, w_mark, m_mark, scal, bias, steps, chunk_tensor, chunk_start, chunk_len)
+        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, step = \
+            _phase2_chunk(
+            k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
+            chunk_tensor, chunk_start, chunk_len)
         out = view(o_addr[i], sizes[i], o_mark)[s0:s0 + n]
-        for j in range(n):
-            out[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), o_mark)
+        if recompute:
+            for j in range(n):
+                m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
+                mean[j] = m
+                var[j] = v
+                out[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2), o_mark)
+        else:
+            for j in range(n):
+                out[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), o_mark)
 
 
 @njit(parallel=True, cache=True)

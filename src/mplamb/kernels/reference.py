@@ -17,7 +17,7 @@ into a multiply-add and float32 results are bit-for-bit MXNet's.
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -25,9 +25,35 @@ from .._scalars import Phase1Scalars, compute_dtype
 from ._ieee import ieee_sqrt
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
-__all__ = ["phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares", "grad_sum_of_squares", "lamb_step"]
+__all__ = ["moments", "direction", "phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares", "grad_sum_of_squares", "lamb_step"]
 
 Scale = Union[float, torch.Tensor]
+
+
+def moments(
+    grad: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    sc: Phase1Scalars,
+    c: torch.dtype,
+    rescale: Optional[Scale] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The new ``(mean, var)`` in the compute dtype ``c``; nothing is written."""
+    s = grad.to(c) * (sc.rescale if rescale is None else rescale)
+    if sc.clip is not None:
+        s = torch.clamp(s, -sc.clip, sc.clip)
+    m = mean.to(c) * sc.beta1 + s * sc.one_minus_beta1
+    v = var.to(c) * sc.beta2 + (s * sc.one_minus_beta2) * s
+    return m, v
+
+
+def direction(m: torch.Tensor, v: torch.Tensor, w: torch.Tensor, sc: Phase1Scalars) -> torch.Tensor:
+    """``g = mean_hat / (sqrt(var_hat) + eps) + wd * w`` from the new moments (compute dtype)."""
+    c = m.dtype
+    if sc.bias1 is not None:
+        m = (m.to(torch.float64) / sc.bias1).to(c)
+        v = v / sc.bias2
+    return m / (ieee_sqrt(v) + sc.epsilon) + w.to(c) * sc.wd
 
 
 def phase1(
@@ -44,18 +70,10 @@ def phase1(
     ``rescale`` overrides ``sc.rescale`` (a 0-d tensor: a loss-scale or clip factor
     that lives on the device).
     """
-    c = compute_dtype(w.dtype)
-    s = grad.to(c) * (sc.rescale if rescale is None else rescale)
-    if sc.clip is not None:
-        s = torch.clamp(s, -sc.clip, sc.clip)
-    m = mean.to(c) * sc.beta1 + s * sc.one_minus_beta1
-    v = var.to(c) * sc.beta2 + (s * sc.one_minus_beta2) * s
+    m, v = moments(grad, mean, var, sc, compute_dtype(w.dtype), rescale)
     mean.copy_(m)
     var.copy_(v)
-    if sc.bias1 is not None:
-        m = (m.to(torch.float64) / sc.bias1).to(c)
-        v = v / sc.bias2
-    return m / (ieee_sqrt(v) + sc.epsilon) + w.to(c) * sc.wd
+    return direction(m, v, w, sc)
 
 
 def phase2(
@@ -82,34 +100,47 @@ def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     return torch.sum(x * x)
 
 
-def phase1_batch(batch: LambBatch) -> Phase1Result:
-    """Phase 1 for every tensor of ``batch`` and the local squared norms (carry: the directions)."""
+def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
+    """Phase 1 for every tensor of ``batch`` and the local squared norms (carry: the directions,
+    and with ``dry`` the new moments, written only in phase 2)."""
     n = len(batch.weights)
     device = batch.weights[0].device if n else torch.device("cpu")
-    directions = []
-    sumsq = torch.empty(2, n, dtype=torch.float64, device=device)
+    directions, pending = [], []
+    sumsq = torch.empty(3 if dry else 2, n, dtype=torch.float64, device=device)
     for i in range(n):
         w = batch.decay_source(i)
-        g = phase1(w, batch.grads[i], batch.means[i], batch.vars[i], batch.scalars[i], batch.rescale)
+        if dry:
+            m, v = moments(batch.grads[i], batch.means[i], batch.vars[i], batch.scalars[i],
+                           compute_dtype(w.dtype), batch.rescale)
+            g = direction(m, v, w, batch.scalars[i])
+            pending.append((m, v))
+            sumsq[2, i] = sum_of_squares(batch.grads[i])
+        else:
+            g = phase1(w, batch.grads[i], batch.means[i], batch.vars[i], batch.scalars[i], batch.rescale)
         directions.append(g)
         sumsq[0, i] = sum_of_squares(w)
         sumsq[1, i] = sum_of_squares(g)
-    return Phase1Result(sumsq=sumsq, carry=directions)
+    return Phase1Result(sumsq=sumsq, carry=(directions, pending), dry=dry)
 
 
 def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
-    """Phase 2 for every tensor of ``batch`` with per-tensor step sizes ``steps``."""
-    for i, g in enumerate(p1.carry):
+    """Phase 2 for every tensor of ``batch`` with per-tensor step sizes ``steps`` (after a dry
+    phase 1, the moments it computed are written first)."""
+    directions, pending = p1.carry
+    for i, (m, v) in enumerate(pending):
+        batch.means[i].copy_(m)
+        batch.vars[i].copy_(v)
+    for i, g in enumerate(directions):
         phase2(batch.decay_source(i), g, steps[i].to(g.dtype), batch.outs[i], batch.masters[i])
 
 
-def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
+def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer, *, dry: bool = False) -> StepResult:
     """One fused LAMB step over ``batch`` (see :class:`~mplamb.kernels.contract.LambBatch`).
 
     Phase 1 for every tensor, then all squared norms reduced by ``reducer`` at once,
     then phase 2 for every tensor.
     """
-    return run_step(sys.modules[__name__], batch, reducer)
+    return run_step(sys.modules[__name__], batch, reducer, dry=dry)
 
 
 def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:

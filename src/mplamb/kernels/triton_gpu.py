@@ -59,10 +59,11 @@ def _scalars(batch: LambBatch, device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True)
 
 
-def phase1_batch(batch: LambBatch) -> Phase1Result:
+def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
+    """Phase 1 launches (one per tensor) and the local squared norms, reduced on the device."""
     if _delegate(batch):
-        p1 = reference.phase1_batch(batch)
-        return Phase1Result(p1.sumsq, ("reference", p1))
+        p1 = reference.phase1_batch(batch, dry=dry)
+        return Phase1Result(p1.sumsq, ("reference", p1), dry=dry)
     n = len(batch.weights)
     device = batch.weights[0].device
     stage = Staging()
@@ -80,23 +81,24 @@ def phase1_batch(batch: LambBatch) -> Phase1Result:
         g, m, v = stage.read(batch.grads[i]), stage.write(batch.means[i]), stage.write(batch.vars[i])
         numel = w.numel()
         blocks = max(1, -(-numel // BLOCK))
-        partial = torch.zeros(blocks, 2, dtype=torch.float64, device=device)
+        partial = torch.zeros(blocks, 3, dtype=torch.float64, device=device)
         if numel:
             K.phase1_kernel[(blocks,)](
                 _arg(w), _arg(g), m, v, scal[i], rescale, partial, numel,
                 W_KIND=_KIND[w.dtype], G_KIND=_KIND[g.dtype], HAS_CLIP=sc.clip is not None,
-                BIAS=sc.bias1 is not None, RESCALE_FROM_PTR=batch.rescale is not None, BLOCK=BLOCK,
-                **_no_fma())
+                BIAS=sc.bias1 is not None, RESCALE_FROM_PTR=batch.rescale is not None, WRITE=not dry,
+                BLOCK=BLOCK, **_no_fma())
         sums.append(partial.sum(0))
         srcs.append(w)
-    sumsq = torch.stack(sums, dim=1) if sums else torch.zeros(2, 0, dtype=torch.float64, device=device)
-    return Phase1Result(sumsq=sumsq, carry=(srcs, stage, scal))
+    rows = 3 if dry else 2
+    sumsq = torch.stack(sums, dim=1)[:rows] if sums else torch.zeros(rows, 0, dtype=torch.float64, device=device)
+    return Phase1Result(sumsq=sumsq, carry=(srcs, stage, scal, rescale), dry=dry)
 
 
 def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
     if isinstance(p1.carry, tuple) and p1.carry[0] == "reference":
         return reference.phase2_batch(batch, p1.carry[1], steps)
-    srcs, stage, scal = p1.carry
+    srcs, stage, scal, rescale = p1.carry
     steps = steps.to(scal.device)
     for i, w in enumerate(srcs):
         master = batch.masters[i]
@@ -106,10 +108,12 @@ def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> Non
         if not numel:
             continue
         sc = batch.scalars[i]
+        g = stage.read(batch.grads[i])
         K.phase2_kernel[(-(-numel // BLOCK),)](
-            _arg(w), stage.write(batch.means[i]), stage.write(batch.vars[i]), _arg(out), scal[i], steps[i:i + 1],
-            numel, W_KIND=_KIND[w.dtype], O_KIND=_KIND[out.dtype], WRITE_W=master is not None,
-            BIAS=sc.bias1 is not None, BLOCK=BLOCK, **_no_fma())
+            _arg(w), _arg(g), stage.write(batch.means[i]), stage.write(batch.vars[i]), _arg(out), scal[i], rescale,
+            steps[i:i + 1], numel, W_KIND=_KIND[w.dtype], G_KIND=_KIND[g.dtype], O_KIND=_KIND[out.dtype],
+            WRITE_W=master is not None, BIAS=sc.bias1 is not None, HAS_CLIP=sc.clip is not None,
+            RESCALE_FROM_PTR=batch.rescale is not None, RECOMPUTE=p1.dry, BLOCK=BLOCK, **_no_fma())
     stage.finish()
     return None
 
@@ -119,9 +123,9 @@ def _no_fma() -> dict:
     return {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
 
 
-def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer) -> StepResult:
+def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer, *, dry: bool = False) -> StepResult:
     """One fused LAMB step over ``batch`` on the GPU."""
-    return run_step(sys.modules[__name__], batch, reducer)
+    return run_step(sys.modules[__name__], batch, reducer, dry=dry)
 
 
 grad_sum_of_squares = reference.grad_sum_of_squares

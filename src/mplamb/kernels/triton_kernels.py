@@ -49,12 +49,9 @@ def _direction(m, v, w, eps, wd, bias1, bias2, BIAS: tl.constexpr):
 
 
 @triton.jit
-def phase1_kernel(w_ptr, g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, partial_ptr, n,
-                  W_KIND: tl.constexpr, G_KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BIAS: tl.constexpr,
-                  RESCALE_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND: tl.constexpr,
+             HAS_CLIP: tl.constexpr, RESCALE_FROM_PTR: tl.constexpr):
+    """The new (mean, var) of a block from its raw gradient."""
     if RESCALE_FROM_PTR:
         rescale = tl.load(rescale_ptr).to(tl.float32)
     else:
@@ -64,29 +61,49 @@ def phase1_kernel(w_ptr, g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, partial_ptr
     b2 = tl.load(scal_ptr + 3).to(tl.float32)
     omb1 = tl.load(scal_ptr + 4).to(tl.float32)
     omb2 = tl.load(scal_ptr + 5).to(tl.float32)
-    eps = tl.load(scal_ptr + 6).to(tl.float32)
-    wd = tl.load(scal_ptr + 7).to(tl.float32)
-    bias1 = tl.load(scal_ptr + 8)
-    bias2 = tl.load(scal_ptr + 9).to(tl.float32)
     s = _load(g_ptr, offs, mask, G_KIND) * rescale
     if HAS_CLIP:
         s = tl.where(s > clip, clip, s)
         s = tl.where(s < -clip, -clip, s)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0) * b1 + s * omb1
     v = tl.load(v_ptr + offs, mask=mask, other=0.0) * b2 + (s * omb2) * s
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    w = _load(w_ptr, offs, mask, W_KIND)
-    d = tl.where(mask, _direction(m, v, w, eps, wd, bias1, bias2, BIAS), 0.0).to(tl.float64)
-    w64 = tl.where(mask, w, 0.0).to(tl.float64)
-    tl.store(partial_ptr + 2 * pid, tl.sum(w64 * w64, axis=0))
-    tl.store(partial_ptr + 2 * pid + 1, tl.sum(d * d, axis=0))
+    return m, v, s
 
 
 @triton.jit
-def phase2_kernel(w_ptr, m_ptr, v_ptr, out_ptr, scal_ptr, steps_ptr, n,
-                  W_KIND: tl.constexpr, O_KIND: tl.constexpr, WRITE_W: tl.constexpr, BIAS: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def phase1_kernel(w_ptr, g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, partial_ptr, n,
+                  W_KIND: tl.constexpr, G_KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BIAS: tl.constexpr,
+                  RESCALE_FROM_PTR: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+    """Per block: new moments (stored when WRITE), partial sums of w**2, g**2 and (not WRITE) grad**2."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    eps = tl.load(scal_ptr + 6).to(tl.float32)
+    wd = tl.load(scal_ptr + 7).to(tl.float32)
+    bias1 = tl.load(scal_ptr + 8)
+    bias2 = tl.load(scal_ptr + 9).to(tl.float32)
+    m, v, s = _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND, HAS_CLIP, RESCALE_FROM_PTR)
+    if WRITE:
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        tl.store(partial_ptr + 3 * pid + 2, 0.0)
+    else:
+        raw = tl.where(mask, _load(g_ptr, offs, mask, G_KIND), 0.0).to(tl.float64)
+        tl.store(partial_ptr + 3 * pid + 2, tl.sum(raw * raw, axis=0))
+    w = _load(w_ptr, offs, mask, W_KIND)
+    d = tl.where(mask, _direction(m, v, w, eps, wd, bias1, bias2, BIAS), 0.0).to(tl.float64)
+    w64 = tl.where(mask, w, 0.0).to(tl.float64)
+    tl.store(partial_ptr + 3 * pid, tl.sum(w64 * w64, axis=0))
+    tl.store(partial_ptr + 3 * pid + 1, tl.sum(d * d, axis=0))
+
+
+@triton.jit
+def phase2_kernel(w_ptr, g_ptr, m_ptr, v_ptr, out_ptr, scal_ptr, rescale_ptr, steps_ptr, n,
+                  W_KIND: tl.constexpr, G_KIND: tl.constexpr, O_KIND: tl.constexpr, WRITE_W: tl.constexpr,
+                  BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, RESCALE_FROM_PTR: tl.constexpr,
+                  RECOMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    """Per block: ``w - step * g``, from the stored moments, or (RECOMPUTE) from moments recomputed
+    from the gradient and stored."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -96,8 +113,14 @@ def phase2_kernel(w_ptr, m_ptr, v_ptr, out_ptr, scal_ptr, steps_ptr, n,
     bias2 = tl.load(scal_ptr + 9).to(tl.float32)
     step = tl.load(steps_ptr).to(tl.float32)
     w = _load(w_ptr, offs, mask, W_KIND)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=1.0)
+    if RECOMPUTE:
+        m, v, s = _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND, HAS_CLIP,
+                           RESCALE_FROM_PTR)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+    else:
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=1.0)
     new = w - step * _direction(m, v, w, eps, wd, bias1, bias2, BIAS)
     if WRITE_W:
         _store(w_ptr, offs, mask, new, W_KIND)
