@@ -134,12 +134,39 @@ def _store(x, marker):
 
 # ------------------------------------------------------------------ the math (shared by both passes)
 
+def divide_by_constant(x, d, inv):  # pragma: no cover - replaced by the overload below inside numba
+    raise NotImplementedError
+
+
+@overload(divide_by_constant, inline="always")
+def _divide_by_constant(x, d, inv):
+    """``x / d`` correctly rounded, for a float32 ``x`` and a float32 constant ``d`` as the float64
+    multiplication ``x * inv`` (``inv = RN64(1/d)``) rounded to float32 — exact for every input.
+
+    Proof sketch: ``q = x * inv`` is within ``2**-52`` (relative) of ``x / d``.  Rounding ``q``
+    could only differ if a float32 midpoint ``M`` (an odd 25-bit significand) lay that close to
+    ``x / d``; but ``x - d*M`` is a non-zero multiple of ``2**(e_d + e_M)``, at least ``2**-49 |x|``
+    (24-bit ``x`` and ``d``, 25-bit ``M``), and it cannot be zero (``d*M`` has an odd part of at
+    least 25 bits).  The same lattice argument covers subnormal results; inf, NaN and zeros pass
+    through unchanged.  Checked exhaustively over many divisors in ``tests/test_ieee.py``.
+    float64 has no wider type to multiply in: it divides.
+    """
+    if x == types.float32:
+        return lambda x, d, inv: np.float32(np.float64(x) * inv)
+    if x == types.float64:
+        return lambda x, d, inv: x / d
+    return None
+
+
 @njit(inline="always")
-def _direction(m, v, w, eps, wd, bias1, bias2):
-    """``g = mean_hat / (sqrt(var_hat) + eps) + wd * w`` in the compute dtype (bias1 == 0: no correction)."""
+def _direction(m, v, w, eps, wd, bias1, bias2, inv2):
+    """``g = mean_hat / (sqrt(var_hat) + eps) + wd * w`` in the compute dtype (bias1 == 0: no correction).
+
+    ``mean_hat`` is MXNet's float64 division by ``bias1`` (a float64 constant, for which the
+    reciprocal trick is not exact); ``var_hat = var / bias2`` uses :func:`divide_by_constant`."""
     if bias1 != 0.0:
         m = cast_like(np.float64(m) / bias1, v)
-        v = v / bias2
+        v = divide_by_constant(v, bias2, inv2)
     return m / (np.sqrt(v) + eps) + w * wd
 
 
@@ -171,7 +198,8 @@ def _moments(gj, mj, vj, rescale, clip, b1, b2, omb1, omb2):
 def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
                 scal, bias, chunk_tensor, chunk_start, chunk_len, partial, write):
     """Phase 1 + local squared norms.  ``scal[i]`` = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2,
-    eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2) as float64 (0: off).
+    eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2, 1/bias2) as float64
+    (bias1 = 0: off).
     ``partial[k]`` receives (sum w**2, sum g**2, sum grad**2) of chunk ``k``; the moments are written
     only when ``write`` (the gradients' column only when not)."""
     for k in prange(chunk_tensor.shape[0]):
@@ -185,35 +213,35 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
         var = view(v_addr[i], size, m_mark)[s0:s0 + n]
         rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
-        bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
+        bias1, bias2, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2]
         dirs = np.empty(n, dtype=scal.dtype)  # the chunk's directions: the step's only temporary
         if write:
             for j in range(n):
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
                 mean[j] = m
                 var[j] = v
-                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2)
+                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2, inv2)
             partial[k, 2] = 0.0
         else:
             for j in range(n):
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
-                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2)
+                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2, inv2)
             partial[k, 2] = sum_of_squares(g)
         partial[k, 0] = sum_of_squares(w)
         partial[k, 1] = sum_of_squares(dirs)
 
 
 @njit(inline="always")
-def _new_weight(m, v, w, step, eps, wd, bias1, bias2):
+def _new_weight(m, v, w, step, eps, wd, bias1, bias2, inv2):
     """Phase 2 for one element: ``w - step * g`` with ``g`` recomputed from the moments."""
-    return w - step * _direction(m, v, w, eps, wd, bias1, bias2)
+    return w - step * _direction(m, v, w, eps, wd, bias1, bias2, inv2)
 
 
 @njit(inline="always")
 def _phase2_chunk(k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
                   chunk_tensor, chunk_start, chunk_len):
     """The arrays and scalars of chunk ``k`` in phase 2: (tensor, start, length, w, grad, mean, var,
-    rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd, bias1, bias2, step)."""
+    rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd, bias1, bias2, 1/bias2, step)."""
     i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
     size = sizes[i]
     w = view(w_addr[i], size, w_mark)[s0:s0 + n]
@@ -222,7 +250,7 @@ def _phase2_chunk(k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_ma
     var = view(v_addr[i], size, m_mark)[s0:s0 + n]
     eps, wd = scal[i, 6], scal[i, 7]
     return (i, s0, n, w, g, mean, var, scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], scal[i, 4], scal[i, 5],
-            eps, wd, bias[i, 0], cast_like(bias[i, 1], eps), cast_like(steps[i], eps))
+            eps, wd, bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], cast_like(steps[i], eps))
 
 
 # Three loop bodies, so that LLVM sees exactly which arrays are written: an in-place update
@@ -236,7 +264,7 @@ def phase2_inplace_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m
                         chunk_tensor, chunk_start, chunk_len, recompute):
     """``w = w - step * g`` in place."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, step = \
+        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv2, step = \
             _phase2_chunk(
             k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
             chunk_tensor, chunk_start, chunk_len)
@@ -245,10 +273,10 @@ def phase2_inplace_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
                 mean[j] = m
                 var[j] = v
-                w[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2), w_mark)
+                w[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv2), w_mark)
         else:
             for j in range(n):
-                w[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), w_mark)
+                w[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv2), w_mark)
 
 
 @njit(parallel=True, cache=True)
@@ -256,7 +284,7 @@ def phase2_master_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_
                        steps, chunk_tensor, chunk_start, chunk_len, recompute):
     """``master = master - step * g`` in place and ``out = dtype(master)``."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, step = \
+        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv2, step = \
             _phase2_chunk(
             k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
             chunk_tensor, chunk_start, chunk_len)
@@ -266,12 +294,12 @@ def phase2_master_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
                 mean[j] = m
                 var[j] = v
-                new = _new_weight(m, v, w[j], step, eps, wd, bias1, bias2)
+                new = _new_weight(m, v, w[j], step, eps, wd, bias1, bias2, inv2)
                 w[j] = new
                 out[j] = store(new, o_mark)
         else:
             for j in range(n):
-                new = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2)
+                new = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2, inv2)
                 w[j] = new
                 out[j] = store(new, o_mark)
 
@@ -281,7 +309,7 @@ def phase2_out_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mar
                     steps, chunk_tensor, chunk_start, chunk_len, recompute):
     """``out = w - step * g`` (``w`` only read)."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, step = \
+        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv2, step = \
             _phase2_chunk(
             k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
             chunk_tensor, chunk_start, chunk_len)
@@ -291,10 +319,10 @@ def phase2_out_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mar
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
                 mean[j] = m
                 var[j] = v
-                out[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2), o_mark)
+                out[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv2), o_mark)
         else:
             for j in range(n):
-                out[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2), o_mark)
+                out[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv2), o_mark)
 
 
 @njit(parallel=True, cache=True)
