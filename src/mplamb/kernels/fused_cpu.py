@@ -87,7 +87,8 @@ def _scalar_tables(batch: LambBatch, idx: List[int], cdtype: torch.dtype):
             r = uniq[id(sc)] = len(rows_scal)
             rows_scal.append((sc.rescale if override is None else override, -1.0 if sc.clip is None else sc.clip,
                               sc.beta1, sc.beta2, sc.one_minus_beta1, sc.one_minus_beta2, sc.epsilon, sc.wd))
-            rows_bias.append((0.0, 0.0, 0.0) if sc.bias1 is None else (sc.bias1, sc.bias2, 1.0 / sc.bias2))
+            rows_bias.append((0.0, 0.0, 0.0, 0.0) if sc.bias1 is None else
+                             (sc.bias1, sc.bias2, 1.0 / sc.bias2, 1.0 / sc.bias1))
         which.append(r)
     sel = np.asarray(which, dtype=np.int64)
     scal = np.asarray(rows_scal, dtype=npdt)[sel]

@@ -22,6 +22,7 @@ exactly and :func:`store` rounds to nearest-even as torch does.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
@@ -52,6 +53,19 @@ def _bitcast(src, dst):
         return dst(src), codegen
 
     return cast
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """``a * b + c`` with a single rounding (LLVM's ``llvm.fma.f64``; an FMA instruction where the CPU has one)."""
+    sig = types.float64(types.float64, types.float64, types.float64)
+
+    def codegen(context, builder, signature, args):
+        f64 = ir.DoubleType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f64], ir.FunctionType(f64, [f64, f64, f64]))
+        return builder.call(fn, args)
+
+    return sig, codegen
 
 
 _f32_from_bits = _bitcast(types.uint32, types.float32)
@@ -158,14 +172,42 @@ def _divide_by_constant(x, d, inv):
     return None
 
 
+def divide_in_float64(x, d, inv):  # pragma: no cover - replaced by the overload below inside numba
+    raise NotImplementedError
+
+
+@overload(divide_in_float64, inline="always")
+def _divide_in_float64(x, d, inv):
+    """MXNet's ``float(double(x) / d)`` for a float32 ``x`` and a float64 constant ``d`` without a
+    division: Markstein's correction of the reciprocal product, ``q = x * inv``,
+    ``r = fma(-q, d, x)`` (exact), ``q' = fma(r, inv, q)``, is the correctly rounded float64
+    quotient when ``inv = RN(1/d)`` (P. Markstein, IBM J. Res. Dev. 1990; the division chapter
+    of the Handbook of Floating-Point Arithmetic), with no overflow or underflow in float64 for float32 ``x`` and ``d`` in (0, 1].
+    Zeros keep their sign (an OR of the sign bit); an infinite ``x`` gives NaN instead of inf, which only
+    happens with an infinite ``var`` too, where the direction is NaN either way.  Checked
+    against the division in ``tests/test_ieee.py``.  float64 ``x`` divides."""
+    if x == types.float32:
+        def f32(x, d, inv):
+            x64 = np.float64(x)
+            q = x64 * inv
+            q = fma(fma(-q, d, x64), inv, q)
+            # -0 / d gives +0 through the correction; the sign bit of x restores it (no select;
+            # for every other x the quotient already carries that sign)
+            return _f32_from_bits(_bits_from_f32(np.float32(q)) | (_bits_from_f32(x) & np.uint32(0x80000000)))
+        return f32
+    if x == types.float64:
+        return lambda x, d, inv: x / d
+    return None
+
+
 @njit(inline="always")
-def _direction(m, v, w, eps, wd, bias1, bias2, inv2):
+def _direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2):
     """``g = mean_hat / (sqrt(var_hat) + eps) + wd * w`` in the compute dtype (bias1 == 0: no correction).
 
-    ``mean_hat`` is MXNet's float64 division by ``bias1`` (a float64 constant, for which the
-    reciprocal trick is not exact); ``var_hat = var / bias2`` uses :func:`divide_by_constant`."""
+    ``mean_hat`` is MXNet's float64 division by ``bias1`` (:func:`divide_in_float64`),
+    ``var_hat = var / bias2`` a float32 division (:func:`divide_by_constant`)."""
     if bias1 != 0.0:
-        m = cast_like(np.float64(m) / bias1, v)
+        m = divide_in_float64(m, bias1, inv1)
         v = divide_by_constant(v, bias2, inv2)
     return m / (np.sqrt(v) + eps) + w * wd
 
@@ -198,7 +240,7 @@ def _moments(gj, mj, vj, rescale, clip, b1, b2, omb1, omb2):
 def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
                 scal, bias, chunk_tensor, chunk_start, chunk_len, partial, write):
     """Phase 1 + local squared norms.  ``scal[i]`` = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2,
-    eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2, 1/bias2) as float64
+    eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2, 1/bias2, 1/bias1) as float64
     (bias1 = 0: off).
     ``partial[k]`` receives (sum w**2, sum g**2, sum grad**2) of chunk ``k``; the moments are written
     only when ``write`` (the gradients' column only when not)."""
@@ -213,35 +255,35 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
         var = view(v_addr[i], size, m_mark)[s0:s0 + n]
         rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
-        bias1, bias2, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2]
+        bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 3], bias[i, 2]
         dirs = np.empty(n, dtype=scal.dtype)  # the chunk's directions: the step's only temporary
         if write:
             for j in range(n):
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
                 mean[j] = m
                 var[j] = v
-                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2, inv2)
+                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2, inv1, inv2)
             partial[k, 2] = 0.0
         else:
             for j in range(n):
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
-                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2, inv2)
+                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2, inv1, inv2)
             partial[k, 2] = sum_of_squares(g)
         partial[k, 0] = sum_of_squares(w)
         partial[k, 1] = sum_of_squares(dirs)
 
 
 @njit(inline="always")
-def _new_weight(m, v, w, step, eps, wd, bias1, bias2, inv2):
+def _new_weight(m, v, w, step, eps, wd, bias1, bias2, inv1, inv2):
     """Phase 2 for one element: ``w - step * g`` with ``g`` recomputed from the moments."""
-    return w - step * _direction(m, v, w, eps, wd, bias1, bias2, inv2)
+    return w - step * _direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2)
 
 
 @njit(inline="always")
 def _phase2_chunk(k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
                   chunk_tensor, chunk_start, chunk_len):
     """The arrays and scalars of chunk ``k`` in phase 2: (tensor, start, length, w, grad, mean, var,
-    rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd, bias1, bias2, 1/bias2, step)."""
+    rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd, bias1, bias2, 1/bias1, 1/bias2, step)."""
     i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
     size = sizes[i]
     w = view(w_addr[i], size, w_mark)[s0:s0 + n]
@@ -250,7 +292,7 @@ def _phase2_chunk(k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_ma
     var = view(v_addr[i], size, m_mark)[s0:s0 + n]
     eps, wd = scal[i, 6], scal[i, 7]
     return (i, s0, n, w, g, mean, var, scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], scal[i, 4], scal[i, 5],
-            eps, wd, bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], cast_like(steps[i], eps))
+            eps, wd, bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 3], bias[i, 2], cast_like(steps[i], eps))
 
 
 # Three loop bodies, so that LLVM sees exactly which arrays are written: an in-place update
@@ -264,7 +306,7 @@ def phase2_inplace_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m
                         chunk_tensor, chunk_start, chunk_len, recompute):
     """``w = w - step * g`` in place."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv2, step = \
+        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, step = \
             _phase2_chunk(
             k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
             chunk_tensor, chunk_start, chunk_len)
@@ -273,10 +315,10 @@ def phase2_inplace_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
                 mean[j] = m
                 var[j] = v
-                w[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv2), w_mark)
+                w[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), w_mark)
         else:
             for j in range(n):
-                w[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv2), w_mark)
+                w[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), w_mark)
 
 
 @njit(parallel=True, cache=True)
@@ -284,7 +326,7 @@ def phase2_master_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_
                        steps, chunk_tensor, chunk_start, chunk_len, recompute):
     """``master = master - step * g`` in place and ``out = dtype(master)``."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv2, step = \
+        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, step = \
             _phase2_chunk(
             k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
             chunk_tensor, chunk_start, chunk_len)
@@ -294,12 +336,12 @@ def phase2_master_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
                 mean[j] = m
                 var[j] = v
-                new = _new_weight(m, v, w[j], step, eps, wd, bias1, bias2, inv2)
+                new = _new_weight(m, v, w[j], step, eps, wd, bias1, bias2, inv1, inv2)
                 w[j] = new
                 out[j] = store(new, o_mark)
         else:
             for j in range(n):
-                new = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2, inv2)
+                new = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2, inv1, inv2)
                 w[j] = new
                 out[j] = store(new, o_mark)
 
@@ -309,7 +351,7 @@ def phase2_out_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mar
                     steps, chunk_tensor, chunk_start, chunk_len, recompute):
     """``out = w - step * g`` (``w`` only read)."""
     for k in prange(chunk_tensor.shape[0]):
-        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv2, step = \
+        i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, step = \
             _phase2_chunk(
             k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
             chunk_tensor, chunk_start, chunk_len)
@@ -319,10 +361,10 @@ def phase2_out_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mar
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
                 mean[j] = m
                 var[j] = v
-                out[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv2), o_mark)
+                out[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), o_mark)
         else:
             for j in range(n):
-                out[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv2), o_mark)
+                out[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), o_mark)
 
 
 @njit(parallel=True, cache=True)
