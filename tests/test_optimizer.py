@@ -466,3 +466,35 @@ def test_bad_hyper_parameters(kwargs, exc, fragment):
 def test_integer_params_rejected():
     with pytest.raises(TypeError, match="floating-point"):
         mplamb.Lamb([torch.zeros(3, dtype=torch.int64)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replaced_state_tensors_are_used_not_remembered_ones(backend, dtype):
+    """Backends may remember the addresses of state tensors between steps (LambBatch.memo); state
+    replaced by the user or by load_state_dict (new tensor objects) must be the state that steps."""
+    def run(replace):
+        model, x, y = _tiny_problem(dtype)
+        opt = mplamb.Lamb(model.parameters(), lr=0.02, weight_decay=0.01, backend=backend)
+        old = []
+        for step in range(4):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+            opt.step()
+            if replace and step == 1:
+                for st in opt.state.values():
+                    for k, v in list(st.items()):
+                        if isinstance(v, torch.Tensor):
+                            st[k] = v.clone()  # same values, new objects
+                            old.append((v, v.clone()))
+        return model, opt, old
+
+    model_a, opt_a, _ = run(False)
+    model_b, opt_b, old = run(True)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+    for st_a, st_b in zip(opt_a.state.values(), opt_b.state.values()):  # the new tensors stepped...
+        for k, v in st_a.items():
+            assert torch.equal(v, st_b[k]) if isinstance(v, torch.Tensor) else v == st_b[k]
+    for v, snapshot in old:  # ...and the replaced ones were left alone
+        assert torch.equal(v, snapshot)

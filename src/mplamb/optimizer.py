@@ -81,6 +81,7 @@ class _Work:
     backend: Any = None
     grad_sumsq: Optional[torch.Tensor] = None
     states: List[Dict[str, Any]] = None  # type: ignore[assignment]
+    memo: Optional[Dict[str, Any]] = None  # the backend's memo for this work's state tensors (LambBatch.memo)
 
 
 class Lamb(Optimizer):
@@ -195,6 +196,7 @@ class Lamb(Optimizer):
         self.skipped_steps = 0
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._last: List[Tuple[List[torch.Tensor], StepResult]] = []
+        self._memo: Dict[tuple, Dict[str, Any]] = {}  # per work key: backends' memo of the state tensors
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -226,17 +228,19 @@ class Lamb(Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
-                if (grad.layout is not strided or grad.shape != p.shape or grad.device != p.device
-                        or not grad.is_floating_point()):
+                device = p.device
+                gdtype = grad.dtype
+                if (grad.shape != p.shape or grad.layout is not strided or grad.device != device
+                        or not gdtype.is_floating_point):
                     self._reject_grad(p, grad)
                 dtype = p.dtype
                 sharded = isinstance(p, DTensor)
                 pg = shard_group(p, self.process_group) if sharded else self.process_group
-                key = (gi, p.device, dtype, grad.dtype, pg, sharded)
+                key = (gi, device, dtype, gdtype, pg, sharded)
                 work = works.get(key)
                 if work is None:
                     work = works[key] = _Work(group=group, params=[], master=dtype in HALF_DTYPES and not no_master,
-                                              group_pg=pg, dtensor=sharded)
+                                              group_pg=pg, dtensor=sharded, memo=self._memo.setdefault(key, {}))
                 work.params.append(p)
         out = list(works.values())
         for w in out:
@@ -394,10 +398,13 @@ class Lamb(Optimizer):
                               grad_averaging=group["grad_averaging"])
             for t in set(steps)}
         scalars = [table[t] for t in steps]
-        loc = local if work.dtensor else (lambda t: t)  # DTensor: the kernels see local shards
-        means = [loc(st["exp_avg"]) for st in states]
-        vars_ = [loc(st["exp_avg_sq"]) for st in states]
-        masters = [loc(st["master_weight"]) for st in states] if work.master else [None] * len(states)
+        means = [st["exp_avg"] for st in states]
+        vars_ = [st["exp_avg_sq"] for st in states]
+        masters = [st["master_weight"] for st in states] if work.master else [None] * len(states)
+        weights, grads = list(work.params), [p.grad for p in work.params]
+        if work.dtensor:  # the kernels see local shards
+            means, vars_, weights, grads = ([local(t) for t in ts] for ts in (means, vars_, weights, grads))
+            masters = [local(t) for t in masters] if work.master else masters
         rescale = None
         max_norm = group["max_grad_norm"]
         if inv_scale is not None or max_norm is not None:
@@ -410,13 +417,12 @@ class Lamb(Optimizer):
             rescale = factor.to(cdtype)
         lr = group["lr"]
         lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
-        weights = [loc(p) for p in work.params]
         return LambBatch(
-            weights=weights, grads=[loc(p.grad) for p in work.params], means=means, vars=vars_,
+            weights=weights, grads=grads, means=means, vars=vars_,
             masters=masters, outs=weights, scalars=scalars, lrs=[lr] * len(work.params),
             adapt=None if group["layer_adaptation"] else [False] * len(work.params),
             lower_bound=group["lower_bound"], upper_bound=group["upper_bound"],
-            max_trust_ratio=group["max_trust_ratio"], rescale=rescale, uniform=True,
+            max_trust_ratio=group["max_trust_ratio"], rescale=rescale, uniform=True, memo=work.memo,
         )
 
     # ------------------------------------------------------------------ telemetry
@@ -472,6 +478,7 @@ class Lamb(Optimizer):
         """
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict: expected a dict with 'state' and 'param_groups' (from Lamb.state_dict())")
+        self._memo.clear()  # the state tensors are about to be replaced
         state_dict = dict(state_dict)
         extra = state_dict.pop("mplamb", {}) or {}
         saved_groups = state_dict["param_groups"]

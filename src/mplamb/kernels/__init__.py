@@ -2,8 +2,9 @@
 
 A backend is a module with
 
-* ``phase1_batch(batch) -> Phase1Result`` and ``phase2_batch(batch, p1, steps)``: the two
-  halves of a step (see :mod:`.contract`); ``lamb_step(batch, reducer)`` runs both with the
+* ``phase1_batch(batch, dry=False) -> Phase1Result`` and ``phase2_batch(batch, p1, steps)``:
+  the two halves of a step (see :mod:`.contract`; a *dry* phase 1 writes nothing and phase 2
+  then writes the moments too); ``lamb_step(batch, reducer, dry=False)`` runs both with the
   norms reduced in between;
 * ``grad_sum_of_squares(grads) -> Tensor``: per-tensor float64 sums of squares of the raw
   gradients (the global-norm clipping and non-finite check read them);

@@ -20,6 +20,10 @@ class Staging:
         self._back: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self._by_id: Dict[int, torch.Tensor] = {}
 
+    def __len__(self) -> int:
+        """How many stand-ins were made."""
+        return len(self._by_id)
+
     def read(self, t: torch.Tensor) -> torch.Tensor:
         if t.is_contiguous():
             return t

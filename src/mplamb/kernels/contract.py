@@ -24,7 +24,7 @@ backend is called; backends never validate and never allocate state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -64,6 +64,10 @@ class LambBatch:
     weights without masters).  Arithmetic is in the compute dtype of the decay source.
     ``lrs`` are per-tensor learning rates; ``adapt[i]`` False turns the trust ratio off.
     ``rescale`` (a 0-d float32 tensor) replaces every ``scalars[i].rescale`` when set.
+    ``memo`` is a dict the caller keeps from step to step for batches of the same tensors: a
+    backend may remember there what it derived from ``means``, ``vars`` and ``masters`` (their
+    addresses, say), which the caller owns and never re-points in place; it must check that
+    the tensors are the same objects before reusing anything.
     """
 
     weights: List[torch.Tensor]
@@ -80,6 +84,7 @@ class LambBatch:
     max_trust_ratio: Optional[float] = None
     rescale: Optional[torch.Tensor] = None
     uniform: bool = False  # a promise that every tensor list has one dtype and masters are all set or all None
+    memo: Optional[Dict[str, Any]] = None
 
     def decay_source(self, i: int) -> torch.Tensor:
         """The weight phase 1 decays and phase 2 updates: the master if any, else the weight."""

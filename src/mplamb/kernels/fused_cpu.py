@@ -15,6 +15,7 @@ Arithmetic is bit-identical to :mod:`.reference` (same operations, same order, n
 from __future__ import annotations
 
 import functools
+import operator
 import sys
 from typing import Dict, List, Sequence, Tuple
 
@@ -52,12 +53,17 @@ def _threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
+def _chunks_of(sizes: "np.ndarray"):
+    """:func:`_chunks` of an array of sizes (cached on its bytes)."""
+    return _chunks(sizes.tobytes())
+
+
 @functools.lru_cache(maxsize=64)
-def _chunks(sizes: Tuple[int, ...]):
-    """Chunk table (tensor index, start, length) covering every tensor of ``sizes``."""
-    sz = np.asarray(sizes, dtype=np.int64)
+def _chunks(key: bytes):
+    """Chunk table (tensor index, start, length) covering every tensor of the int64 sizes in ``key``."""
+    sz = np.frombuffer(key, dtype=np.int64)
     counts = (sz + K.CHUNK - 1) // K.CHUNK
-    tensor = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+    tensor = np.repeat(np.arange(len(sz), dtype=np.int64), counts)
     first = np.repeat(np.cumsum(counts) - counts, counts)
     start = (np.arange(tensor.shape[0], dtype=np.int64) - first) * K.CHUNK
     length = np.minimum(K.CHUNK, sz[tensor] - start) if tensor.shape[0] else np.zeros(0, np.int64)
@@ -75,10 +81,27 @@ def _addresses(tensors: Sequence[torch.Tensor], stage: _Staging, written: Sequen
     return np.array(ptrs, dtype=np.int64)
 
 
+def _owned_addresses(name: tuple, tensors: List[torch.Tensor], stage: _Staging, memo) -> Tuple["np.ndarray", "np.ndarray"]:
+    """Addresses and sizes of optimizer-owned tensors (moments, masters), remembered in ``memo`` from
+    one step to the next while the list holds the very same (contiguous) tensor objects."""
+    if memo is not None:
+        hit = memo.get(name)
+        if hit is not None and len(hit[0]) == len(tensors) and all(map(operator.is_, hit[0], tensors)):
+            return hit[1], hit[2]
+    staged = len(stage)
+    addr = _addresses(tensors, stage)
+    sizes = np.fromiter((t.numel() for t in tensors), dtype=np.int64, count=len(tensors))
+    if memo is not None and len(stage) == staged:  # staged stand-ins are per step: not remembered
+        memo[name] = (list(tensors), addr, sizes)
+    return addr, sizes
+
+
 def _scalar_tables(batch: LambBatch, idx: List[int], cdtype: torch.dtype):
     npdt = np.float64 if cdtype == torch.float64 else np.float32
     override = None if batch.rescale is None else float(batch.rescale)
-    scalars = [batch.scalars[i] for i in idx]
+    scalars = batch.scalars if len(idx) == len(batch.scalars) else [batch.scalars[i] for i in idx]
+    if len(set(map(id, scalars))) == 1:  # the usual case: one step count for all (one row, repeated)
+        scalars = scalars[:1]
     uniq: Dict[int, int] = {}
     rows_scal, rows_bias, which = [], [], []
     for sc in scalars:
@@ -90,7 +113,7 @@ def _scalar_tables(batch: LambBatch, idx: List[int], cdtype: torch.dtype):
             rows_bias.append((0.0, 0.0, 0.0, 0.0) if sc.bias1 is None else
                              (sc.bias1, sc.bias2, 1.0 / sc.bias2, 1.0 / sc.bias1))
         which.append(r)
-    sel = np.asarray(which, dtype=np.int64)
+    sel = np.asarray(which, dtype=np.int64) if len(which) == len(idx) else np.zeros(len(idx), dtype=np.int64)
     scal = np.asarray(rows_scal, dtype=npdt)[sel]
     bias = np.asarray(rows_bias, dtype=np.float64)[sel]
     return scal, bias
@@ -127,21 +150,26 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
     for (src_dtype, g_dtype, m_dtype, has_master, o_dtype), idx in _partition(batch).items():
         # the decay source is written with a master, or when the output is the weight itself (in place)
         inplace = [not has_master and batch.outs[i] is batch.weights[i] for i in idx]
-        srcs = [batch.decay_source(i) for i in idx]
-        w_addr = _addresses(srcs, stage, [has_master or ip for ip in inplace])
+        part = (src_dtype, g_dtype, m_dtype, has_master, o_dtype)
+        everything = len(idx) == n
+        means = batch.means if everything else [batch.means[i] for i in idx]
+        m_addr, sz = _owned_addresses(("mean",) + part, means, stage, batch.memo)
+        v_addr, _ = _owned_addresses(("var",) + part, batch.vars if everything else [batch.vars[i] for i in idx],
+                                     stage, batch.memo)
+        if has_master:
+            w_addr, _ = _owned_addresses(("master",) + part, [batch.masters[i] for i in idx], stage, batch.memo)
+        else:
+            w_addr = _addresses([batch.weights[i] for i in idx], stage, inplace)
         outs = [batch.outs[i] for i in idx]
         o_addr = w_addr if all(inplace) else np.where(inplace, w_addr, _addresses(outs, stage))
-        g_addr = _addresses([batch.grads[i] for i in idx], stage, [False] * len(idx))
-        m_addr = _addresses([batch.means[i] for i in idx], stage)
-        v_addr = _addresses([batch.vars[i] for i in idx], stage)
-        sizes = tuple(t.numel() for t in srcs)
-        ct, cs, cl = _chunks(sizes)
+        g_addr = _addresses(batch.grads if everything else [batch.grads[i] for i in idx], stage, [False] * len(idx))
+        ct, cs, cl = _chunks_of(sz)
         cdtype = torch.float64 if m_dtype == torch.float64 else torch.float32
         scal, bias = _scalar_tables(batch, idx, cdtype)
-        sz = np.asarray(sizes, dtype=np.int64)
         partial = np.empty((ct.shape[0], 3), dtype=np.float64)
+        scratch = np.empty((numba.config.NUMBA_NUM_THREADS, K.CHUNK), dtype=scal.dtype)  # one chunk per thread
         K.phase1_pass(w_addr, g_addr, m_addr, v_addr, sz, _MARK[src_dtype], _MARK[g_dtype],
-                      _MARK[m_dtype], scal, bias, ct, cs, cl, partial, not dry)
+                      _MARK[m_dtype], scal, bias, ct, cs, cl, partial, scratch, not dry)
         sumsq[:, idx] = K.sum_chunks(partial, ct, len(idx))[:sumsq.shape[0]]
         plans.append((idx, w_addr, g_addr, m_addr, v_addr, o_addr, sz, src_dtype, g_dtype, m_dtype, o_dtype,
                       has_master, scal, bias, ct, cs, cl))
@@ -189,11 +217,10 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         by_dtype.setdefault(g.dtype, []).append(i)
     for dtype, idx in by_dtype.items():
         gs = [grads[i] for i in idx]
-        sizes = tuple(g.numel() for g in gs)
-        ct, cs, cl = _chunks(sizes)
+        sizes = np.fromiter((g.numel() for g in gs), dtype=np.int64, count=len(gs))
+        ct, cs, cl = _chunks_of(sizes)
         partial = np.empty((ct.shape[0], 1), dtype=np.float64)
-        K.grad_sumsq_pass(_addresses(gs, stage, [False] * len(gs)), np.asarray(sizes, dtype=np.int64), _MARK[dtype],
-                          ct, cs, cl, partial)
+        K.grad_sumsq_pass(_addresses(gs, stage, [False] * len(gs)), sizes, _MARK[dtype], ct, cs, cl, partial)
         out[idx] = K.sum_chunks(partial, ct, len(idx))[0]
     return torch.from_numpy(out)
 

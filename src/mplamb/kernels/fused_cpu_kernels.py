@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, prange, types
+from numba import carray, get_thread_id, njit, prange, types
 from numba.extending import intrinsic, overload
 
-CHUNK = 8192  # elements per parallel work item; the only temporary is one such buffer per chunk
+CHUNK = 8192  # elements per parallel work item; the only temporary is one such buffer per thread
 
 
 # ------------------------------------------------------------------ low-level helpers
@@ -238,7 +238,7 @@ def _moments(gj, mj, vj, rescale, clip, b1, b2, omb1, omb2):
 
 @njit(parallel=True, cache=True)
 def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
-                scal, bias, chunk_tensor, chunk_start, chunk_len, partial, write):
+                scal, bias, chunk_tensor, chunk_start, chunk_len, partial, scratch, write):
     """Phase 1 + local squared norms.  ``scal[i]`` = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2,
     eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2, 1/bias2, 1/bias1) as float64
     (bias1 = 0: off).
@@ -256,7 +256,7 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
         rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
         bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 3], bias[i, 2]
-        dirs = np.empty(n, dtype=scal.dtype)  # the chunk's directions: the step's only temporary
+        dirs = scratch[get_thread_id(), :n]  # the chunk's directions
         if write:
             for j in range(n):
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
@@ -336,14 +336,12 @@ def phase2_master_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
                 mean[j] = m
                 var[j] = v
-                new = _new_weight(m, v, w[j], step, eps, wd, bias1, bias2, inv1, inv2)
-                w[j] = new
-                out[j] = store(new, o_mark)
+                w[j] = _new_weight(m, v, w[j], step, eps, wd, bias1, bias2, inv1, inv2)
         else:
             for j in range(n):
-                new = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2, inv1, inv2)
-                w[j] = new
-                out[j] = store(new, o_mark)
+                w[j] = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2, inv1, inv2)
+        for j in range(n):  # the rounded copy in a loop of its own (the chunk is in cache): it vectorises better
+            out[j] = store(w[j], o_mark)
 
 
 @njit(parallel=True, cache=True)
