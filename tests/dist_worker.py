@@ -20,6 +20,8 @@ import mplamb
 STEPS = 5
 HP = dict(lr=0.05, weight_decay=0.01, max_grad_norm=0.5)
 NO_CLIP = dict(lr=0.05, weight_decay=0.01)  # no global-norm clipping: a sharded step costs one all-reduce
+LOOSE_CLIP = dict(lr=0.05, weight_decay=0.01, max_grad_norm=1e6)  # clipping on, never clips: one all-reduce
+TIGHT_CLIP = dict(lr=0.05, weight_decay=0.01, max_grad_norm=1e-3)  # clips every step: two all-reduces
 
 
 def make_model(dtype=torch.float32):
@@ -121,9 +123,10 @@ def scenario_fsdp2(dtype, local_norms=False, hp=HP):
         if local_norms:
             mo.shard_group = saved
     counts = {str(k): v for k, v in comm.get_comm_counts().items()}
+    clipped_last_step = bool(opt.last_grad_norm > hp["max_grad_norm"]) if "max_grad_norm" in hp else False
     local_sizes = [p.to_local().numel() for p in model.parameters()]
     state = opt.state[next(iter(model.parameters()))]
-    return {"max_diff": max_diff(model, reference(dtype, hp)), "comm_counts": counts,
+    return {"max_diff": max_diff(model, reference(dtype, hp)), "comm_counts": counts, "clipped": clipped_last_step,
             "total_collectives": comm.get_total_counts(), "local_sizes": local_sizes,
             "param_dtype": str(next(model.parameters()).dtype), "state_keys": sorted(state),
             "master_is_dtensor": type(state.get("master_weight", None)).__name__}
@@ -210,6 +213,8 @@ def main():
                      ("fsdp2_bf16", lambda: scenario_fsdp2(torch.bfloat16)),
                      ("fsdp2_local_norms", lambda: scenario_fsdp2(torch.float32, local_norms=True)),
                      ("fsdp2_fp32_no_clip", lambda: scenario_fsdp2(torch.float32, hp=NO_CLIP)),
+                     ("fsdp2_fp32_loose_clip", lambda: scenario_fsdp2(torch.float32, hp=LOOSE_CLIP)),
+                     ("fsdp2_bf16_tight_clip", lambda: scenario_fsdp2(torch.bfloat16, hp=TIGHT_CLIP)),
                      ("fsdp2_bf16_no_clip", lambda: scenario_fsdp2(torch.bfloat16, hp=NO_CLIP)),
                      ("fsdp2_local_norms_no_clip",
                       lambda: scenario_fsdp2(torch.float32, local_norms=True, hp=NO_CLIP)),

@@ -297,9 +297,11 @@ class Lamb(Optimizer):
         Sharded parameters (DTensor, ``process_group``) cost **one** all-reduce per process group
         and step, whatever the number of parameters: phase 1 runs *dry* (nothing written), and one
         all-reduce of the weights', updates' and gradients' squared norms gives the trust ratios
-        and an agreed non-finite skip before anything is written.  With ``max_grad_norm`` (the
-        clip factor scales the gradient before the moments, so it must be known before phase 1)
-        or ZeRO's ``partition_group`` it costs two: the gradients' norms first, then the others.
+        and an agreed non-finite skip before anything is written.  With ``max_grad_norm`` that
+        holds while the gradient norm is within the limit; a step that does clip costs two (the
+        clip factor scales the gradient before the moments, so the update norms computed with
+        factor 1 are redone with it).  ZeRO's ``partition_group`` costs two: the gradient norm
+        and the skip over the partition group first, then phase 1.
         """
         loss = None
         if closure is not None:
@@ -313,9 +315,7 @@ class Lamb(Optimizer):
         bad = torch.zeros((), dtype=torch.float64, device=anchor)
         if found_inf is not None:
             bad = bad + (found_inf.to(anchor) > 0).to(torch.float64)
-        one_collective = (self.partition_group is None and any(w.group_pg is not None for w in works)
-                          and all(w.group["max_grad_norm"] is None for w in works))
-        if one_collective:
+        if self.partition_group is None and any(w.group_pg is not None for w in works):
             self._step_dry(works, inv_scale, bad, anchor)
         else:
             self._step_plain(works, inv_scale, bad, anchor)
@@ -358,7 +358,12 @@ class Lamb(Optimizer):
 
     def _step_dry(self, works: List[_Work], inv_scale: Optional[torch.Tensor], bad: torch.Tensor,
                   anchor: torch.device) -> None:
-        """Dry phase 1 everywhere, one all-reduce per process group, then phase 2 or an agreed skip."""
+        """Dry phase 1 everywhere, one all-reduce per process group, then phase 2 or an agreed skip.
+
+        With ``max_grad_norm``, phase 1 first assumes that clipping does not clip (factor 1); when
+        the reduced gradient norm says it does, the groups that clip run their dry phase 1 again
+        with the clip factor and their norms take a second all-reduce.
+        """
         fresh = [p for w in works for p in w.params if not self.state[p]]
         batches = [self._batch(w, None, inv_scale) for w in works]
         firsts = [w.backend.phase1_batch(b, dry=True) for w, b in zip(works, batches)]
@@ -368,7 +373,19 @@ class Lamb(Optimizer):
             for p in fresh:  # nothing was written; lazily created state goes too
                 del self.state[p]
             return
-        self._finish(works, batches, firsts, [r[:2] for r in reduced])
+        reduced = [r[:2] for r in reduced]
+        limits = [w.group["max_grad_norm"] for w in works]
+        if any(m is not None for m in limits):
+            clipped = [i for i, m in enumerate(limits)
+                       if m is not None and bool(grad_norm > m)]  # host syncs (free on CPU): few groups
+            if clipped:
+                sub = [works[i] for i in clipped]
+                for i in clipped:
+                    batches[i] = self._batch(works[i], grad_norm, inv_scale)
+                    firsts[i] = works[i].backend.phase1_batch(batches[i], dry=True)
+                for i, r in zip(clipped, self._reduce(sub, [firsts[i].sumsq[:2] for i in clipped])):
+                    reduced[i] = r
+        self._finish(works, batches, firsts, reduced)
 
     def _finish(self, works: List[_Work], batches: List[LambBatch], firsts: list, reduced: List[torch.Tensor]) -> None:
         """Step sizes from the reduced norms, phase 2, step counts and telemetry."""
@@ -407,11 +424,11 @@ class Lamb(Optimizer):
             masters = [local(t) for t in masters] if work.master else masters
         rescale = None
         max_norm = group["max_grad_norm"]
-        if inv_scale is not None or max_norm is not None:
+        if inv_scale is not None or (max_norm is not None and grad_norm is not None):
             factor = torch.full((), float(group["rescale_grad"]), dtype=torch.float64, device=device)
             if inv_scale is not None:
                 factor = factor * inv_scale.to(device)
-            if max_norm is not None:
+            if max_norm is not None and grad_norm is not None:  # None: not clipping (yet)
                 gn = grad_norm.to(device)
                 factor = factor * torch.where(gn > max_norm, max_norm / gn, torch.ones_like(gn))
             rescale = factor.to(cdtype)
