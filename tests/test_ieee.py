@@ -54,37 +54,54 @@ def _all_f32_of_a_binade_slice(n, seed):
     return np.concatenate([bits, bits | np.uint32(0x80000000)]).view(np.float32)
 
 
+def _bias_corrections(which, betas, steps):
+    """The optimizer's own divisors: ``bias1`` (float64) or ``bias2`` (a float32 value) over ``betas`` x ``steps``."""
+    from mplamb._scalars import phase1_scalars
+
+    out = set()
+    for beta in betas:
+        for t in steps:
+            sc = phase1_scalars(t=t, wd=0.0, beta1=beta, beta2=beta, epsilon=1e-6, bias_correction=True,
+                                rescale_grad=1.0, clip_gradient=-1.0, dtype=torch.float32)
+            out.add(getattr(sc, which))
+    return out
+
+
+def _check_divisions(kernel, x, divisors, cast, expected_of):
+    """``kernel(x, d, 1/d)`` (a numba scalar function) equals ``expected_of(x, d)`` bit for bit, NaN as NaN."""
+    numba = pytest.importorskip("numba")
+
+    @numba.njit
+    def divide_all(x, d, inv, out):
+        for j in range(x.shape[0]):
+            out[j] = kernel(x[j], d, inv)
+
+    out = np.empty_like(x)
+    with np.errstate(all="ignore"):
+        for d in sorted(divisors):
+            d = cast(d)
+            divide_all(x, d, 1.0 / np.float64(d), out)
+            expected = expected_of(x, d)
+            same = (out.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(out) & np.isnan(expected))
+            assert same.all(), f"divisor {d!r}: {x[~same][:5]}"
+
+
 def test_divide_by_constant_is_float32_division_for_every_input():
     """fused_cpu divides by the bias correction ``1 - beta2**t`` as a float64 multiplication by its
     reciprocal; the lattice argument in its docstring says that equals float32 division for every
     float32 input.  Checked on 2 million inputs of every exponent against 300 divisors: the
     optimizer's own (beta2 in {0.95, 0.98, 0.99, 0.999, 0.9999}, t = 1..40 and large t) and random
     ones in (2**-24, 1]."""
-    numba = pytest.importorskip("numba")
-    from mplamb._scalars import phase1_scalars
+    pytest.importorskip("numba")
     from mplamb.kernels.fused_cpu_kernels import divide_by_constant
 
-    @numba.njit
-    def divide_all(x, d, inv, out):
-        for j in range(x.shape[0]):
-            out[j] = divide_by_constant(x[j], d, inv)
-
-    divisors = set()
-    for beta2 in (0.95, 0.98, 0.99, 0.999, 0.9999):
-        for t in list(range(1, 41)) + [100, 1000, 10_000, 100_000]:
-            sc = phase1_scalars(t=t, wd=0.0, beta1=0.9, beta2=beta2, epsilon=1e-6, bias_correction=True,
-                                rescale_grad=1.0, clip_gradient=-1.0, dtype=torch.float32)
-            divisors.add(np.float32(sc.bias2))
+    divisors = {float(np.float32(d)) for d in _bias_corrections(
+        "bias2", (0.95, 0.98, 0.99, 0.999, 0.9999), list(range(1, 41)) + [100, 1000, 10_000, 100_000])}
     rng = np.random.default_rng(7)
     divisors |= set(np.float32(2.0 ** rng.uniform(-24, 0, 300 - len(divisors))).tolist())
-    x = _all_f32_of_a_binade_slice(1_000_000, seed=3)
-    out = np.empty_like(x)
-    with np.errstate(all="ignore"):
-        for d in sorted(divisors):
-            d = np.float32(d)
-            divide_all(x, d, 1.0 / np.float64(d), out)
-            expected = x / d  # numpy's float32 division: the IEEE instruction, correctly rounded
-            assert np.array_equal(out.view(np.uint32), expected.view(np.uint32)), f"divisor {d!r}"
+    # numpy's float32 division is the IEEE instruction: correctly rounded, NaN payloads included
+    _check_divisions(divide_by_constant, _all_f32_of_a_binade_slice(1_000_000, seed=3), divisors, np.float32,
+                     lambda x, d: x / d)
 
 
 def test_divide_in_float64_is_mxnets_double_division():
@@ -93,29 +110,12 @@ def test_divide_in_float64_is_mxnets_double_division():
     signed zeros included, on 2 million inputs of every exponent against 200 divisors: the
     optimizer's own and random float64 values in (2**-30, 1].  Infinite inputs give NaN (documented:
     the direction is NaN either way) and are excluded here."""
-    numba = pytest.importorskip("numba")
-    from mplamb._scalars import phase1_scalars
+    pytest.importorskip("numba")
     from mplamb.kernels.fused_cpu_kernels import divide_in_float64
 
-    @numba.njit
-    def divide_all(x, d, inv, out):
-        for j in range(x.shape[0]):
-            out[j] = divide_in_float64(x[j], d, inv)
-
-    divisors = set()
-    for beta1 in (0.0, 0.5, 0.8, 0.9, 0.95, 0.99):
-        for t in list(range(1, 31)) + [100, 1000, 100_000]:
-            sc = phase1_scalars(t=t, wd=0.0, beta1=beta1, beta2=0.999, epsilon=1e-6, bias_correction=True,
-                                rescale_grad=1.0, clip_gradient=-1.0, dtype=torch.float32)
-            divisors.add(sc.bias1)
+    divisors = _bias_corrections("bias1", (0.0, 0.5, 0.8, 0.9, 0.95, 0.99), list(range(1, 31)) + [100, 1000, 100_000])
     rng = np.random.default_rng(11)
     divisors |= set((2.0 ** rng.uniform(-30, 0, 200 - len(divisors))).tolist())
     x = _all_f32_of_a_binade_slice(1_000_000, seed=5)
-    x = x[~np.isinf(x)]
-    out = np.empty_like(x)
-    with np.errstate(all="ignore"):
-        for d in sorted(divisors):
-            divide_all(x, d, 1.0 / d, out)
-            expected = (x.astype(np.float64) / d).astype(np.float32)  # MXNet: double division, then float
-            same = (out.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(out) & np.isnan(expected))
-            assert same.all(), f"divisor {d!r}: {x[~same][:5]}"
+    _check_divisions(divide_in_float64, x[~np.isinf(x)], divisors, float,
+                     lambda x, d: (x.astype(np.float64) / d).astype(np.float32))  # MXNet: double division, then float

@@ -259,9 +259,7 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
         dirs = scratch[get_thread_id(), :n]  # the chunk's directions
         if write:
             for j in range(n):
-                m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
-                mean[j] = m
-                var[j] = v
+                m, v = _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2)
                 dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2, inv1, inv2)
             partial[k, 2] = 0.0
         else:
@@ -271,6 +269,15 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
             partial[k, 2] = sum_of_squares(g)
         partial[k, 0] = sum_of_squares(w)
         partial[k, 1] = sum_of_squares(dirs)
+
+
+@njit(inline="always")
+def _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2):
+    """:func:`_moments` of element ``j``, written back to ``mean``/``var`` (phase 2 after a dry phase 1)."""
+    m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
+    mean[j] = m
+    var[j] = v
+    return m, v
 
 
 @njit(inline="always")
@@ -312,9 +319,7 @@ def phase2_inplace_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m
             chunk_tensor, chunk_start, chunk_len)
         if recompute:
             for j in range(n):
-                m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
-                mean[j] = m
-                var[j] = v
+                m, v = _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2)
                 w[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), w_mark)
         else:
             for j in range(n):
@@ -333,9 +338,7 @@ def phase2_master_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_
         out = view(o_addr[i], sizes[i], o_mark)[s0:s0 + n]
         if recompute:
             for j in range(n):
-                m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
-                mean[j] = m
-                var[j] = v
+                m, v = _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2)
                 w[j] = _new_weight(m, v, w[j], step, eps, wd, bias1, bias2, inv1, inv2)
         else:
             for j in range(n):
@@ -356,9 +359,7 @@ def phase2_out_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mar
         out = view(o_addr[i], sizes[i], o_mark)[s0:s0 + n]
         if recompute:
             for j in range(n):
-                m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
-                mean[j] = m
-                var[j] = v
+                m, v = _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2)
                 out[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), o_mark)
         else:
             for j in range(n):

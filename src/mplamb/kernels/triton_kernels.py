@@ -49,6 +49,13 @@ def _direction(m, v, w, eps, wd, bias1, bias2, BIAS: tl.constexpr):
 
 
 @triton.jit
+def _direction_scalars(scal_ptr):
+    """(eps, wd, bias1, bias2) of a scalar-table row; bias1 stays float64 (MXNet's double division)."""
+    return (tl.load(scal_ptr + 6).to(tl.float32), tl.load(scal_ptr + 7).to(tl.float32), tl.load(scal_ptr + 8),
+            tl.load(scal_ptr + 9).to(tl.float32))
+
+
+@triton.jit
 def _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND: tl.constexpr,
              HAS_CLIP: tl.constexpr, RESCALE_FROM_PTR: tl.constexpr):
     """The new (mean, var) of a block from its raw gradient."""
@@ -78,10 +85,7 @@ def phase1_kernel(w_ptr, g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, partial_ptr
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    eps = tl.load(scal_ptr + 6).to(tl.float32)
-    wd = tl.load(scal_ptr + 7).to(tl.float32)
-    bias1 = tl.load(scal_ptr + 8)
-    bias2 = tl.load(scal_ptr + 9).to(tl.float32)
+    eps, wd, bias1, bias2 = _direction_scalars(scal_ptr)
     m, v, s = _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND, HAS_CLIP, RESCALE_FROM_PTR)
     if WRITE:
         tl.store(m_ptr + offs, m, mask=mask)
@@ -107,10 +111,7 @@ def phase2_kernel(w_ptr, g_ptr, m_ptr, v_ptr, out_ptr, scal_ptr, rescale_ptr, st
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    eps = tl.load(scal_ptr + 6).to(tl.float32)
-    wd = tl.load(scal_ptr + 7).to(tl.float32)
-    bias1 = tl.load(scal_ptr + 8)
-    bias2 = tl.load(scal_ptr + 9).to(tl.float32)
+    eps, wd, bias1, bias2 = _direction_scalars(scal_ptr)
     step = tl.load(steps_ptr).to(tl.float32)
     w = _load(w_ptr, offs, mask, W_KIND)
     if RECOMPUTE:
