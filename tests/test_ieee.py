@@ -119,3 +119,42 @@ def test_divide_in_float64_is_mxnets_double_division():
     x = _all_f32_of_a_binade_slice(1_000_000, seed=5)
     _check_divisions(divide_in_float64, x[~np.isinf(x)], divisors, float,
                      lambda x, d: (x.astype(np.float64) / d).astype(np.float32))  # MXNet: double division, then float
+
+
+@pytest.mark.parametrize("which", ["mean", "var"])
+def test_triton_divisions_match_the_fused_cpu_ones(which):
+    """The Triton kernels' division helpers (run here by the interpreter) give the same bits as the
+    checks above demand, on 2 million inputs of every exponent and a handful of divisors."""
+    pytest.importorskip("triton")
+    import triton
+    import triton.language as tl
+
+    from mplamb.kernels import triton_kernels
+
+    globals()["TK"] = triton_kernels  # a @triton.jit function resolves names in its module's globals
+
+    @triton.jit
+    def divide_kernel(x_ptr, out_ptr, d, inv, n, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if MEAN:
+            y = TK.divide_in_float64(x, d, inv)
+        else:
+            y = TK.divide_by_constant(x, inv)
+        tl.store(out_ptr + offs, y, mask=mask)
+
+    x = _all_f32_of_a_binade_slice(1_000_000, seed=9)
+    if which == "mean":
+        x = x[~np.isinf(x)]
+    xt = torch.from_numpy(x.copy())
+    out = torch.empty_like(xt)
+    divisors = sorted(_bias_corrections("bias1" if which == "mean" else "bias2", (0.9, 0.999), [1, 2, 7, 30, 1000]))
+    with np.errstate(all="ignore"):
+        for d in divisors:
+            divide_kernel[(-(-x.size // 65536),)](xt, out, d, 1.0 / d, x.size, MEAN=which == "mean", BLOCK=65536)
+            got = out.numpy()
+            expected = ((x.astype(np.float64) / d).astype(np.float32) if which == "mean"
+                        else x / np.float32(d))
+            same = (got.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(got) & np.isnan(expected))
+            assert same.all(), f"divisor {d!r}: {x[~same][:5]}"

@@ -55,7 +55,8 @@ def _scalars(batch: LambBatch, device: torch.device) -> torch.Tensor:
     for sc in batch.scalars:
         rows.append([sc.rescale, -1.0 if sc.clip is None else sc.clip, sc.beta1, sc.beta2, sc.one_minus_beta1,
                      sc.one_minus_beta2, sc.epsilon, sc.wd, 1.0 if sc.bias1 is None else sc.bias1,
-                     1.0 if sc.bias2 is None else sc.bias2])
+                     1.0 if sc.bias2 is None else sc.bias2, 1.0 if sc.bias1 is None else 1.0 / sc.bias1,
+                     1.0 if sc.bias2 is None else 1.0 / sc.bias2])
     return torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True)
 
 

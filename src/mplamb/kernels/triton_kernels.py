@@ -9,14 +9,19 @@ rounded (to nearest even) with integer arithmetic, which also works under
 
 Scalars are read from a float64 table on the device (so float64 values such as
 ``1 - beta1**t`` arrive exactly and a changing step count never recompiles):
-row = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd, bias1, bias2).
+row = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd, bias1, bias2, 1/bias1, 1/bias2).
+
+The bias corrections divide without a divider, bit for bit as the fused CPU backend does
+(see ``fused_cpu_kernels.divide_in_float64`` and ``divide_by_constant`` for the arguments):
+MXNet's float64 ``mean / bias1`` by Markstein's FMA-corrected reciprocal, the float32
+``var / bias2`` as a float64 product with the reciprocal.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-NSCAL = 10
+NSCAL = 12
 F32, BF16, F16 = 0, 1, 2  # storage kinds
 
 
@@ -41,18 +46,34 @@ def _store(ptr, offs, mask, value, KIND: tl.constexpr):
 
 
 @triton.jit
-def _direction(m, v, w, eps, wd, bias1, bias2, BIAS: tl.constexpr):
+def divide_in_float64(x, d, inv):
+    """float32 ``RN32(RN64(x / d))`` for float64 ``d`` and ``inv = RN64(1/d)``: Markstein's correction."""
+    x64 = x.to(tl.float64)
+    q = x64 * inv
+    q = tl.fma(tl.fma(-q, d, x64), inv, q)
+    return (q.to(tl.float32).to(tl.uint32, bitcast=True)
+            | (x.to(tl.uint32, bitcast=True) & 0x80000000)).to(tl.float32, bitcast=True)  # -0 stays -0
+
+
+@triton.jit
+def divide_by_constant(x, inv):
+    """float32 ``x / d`` correctly rounded, for a float32 constant ``d`` and ``inv = RN64(1/d)``."""
+    return (x.to(tl.float64) * inv).to(tl.float32)
+
+
+@triton.jit
+def _direction(m, v, w, eps, wd, bias1, inv1, inv2, BIAS: tl.constexpr):
     if BIAS:
-        m = (m.to(tl.float64) / bias1).to(tl.float32)  # float64 "/" is IEEE (div.rn.f64)
-        v = tl.div_rn(v, bias2)
+        m = divide_in_float64(m, bias1, inv1)
+        v = divide_by_constant(v, inv2)
     return tl.div_rn(m, tl.sqrt_rn(v) + eps) + w * wd
 
 
 @triton.jit
 def _direction_scalars(scal_ptr):
-    """(eps, wd, bias1, bias2) of a scalar-table row; bias1 stays float64 (MXNet's double division)."""
+    """(eps, wd, bias1, 1/bias1, 1/bias2) of a scalar-table row (the last three float64)."""
     return (tl.load(scal_ptr + 6).to(tl.float32), tl.load(scal_ptr + 7).to(tl.float32), tl.load(scal_ptr + 8),
-            tl.load(scal_ptr + 9).to(tl.float32))
+            tl.load(scal_ptr + 10), tl.load(scal_ptr + 11))
 
 
 @triton.jit
@@ -85,7 +106,7 @@ def phase1_kernel(w_ptr, g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, partial_ptr
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    eps, wd, bias1, bias2 = _direction_scalars(scal_ptr)
+    eps, wd, bias1, inv1, inv2 = _direction_scalars(scal_ptr)
     m, v, s = _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND, HAS_CLIP, RESCALE_FROM_PTR)
     if WRITE:
         tl.store(m_ptr + offs, m, mask=mask)
@@ -95,7 +116,7 @@ def phase1_kernel(w_ptr, g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, partial_ptr
         raw = tl.where(mask, _load(g_ptr, offs, mask, G_KIND), 0.0).to(tl.float64)
         tl.store(partial_ptr + 3 * pid + 2, tl.sum(raw * raw, axis=0))
     w = _load(w_ptr, offs, mask, W_KIND)
-    d = tl.where(mask, _direction(m, v, w, eps, wd, bias1, bias2, BIAS), 0.0).to(tl.float64)
+    d = tl.where(mask, _direction(m, v, w, eps, wd, bias1, inv1, inv2, BIAS), 0.0).to(tl.float64)
     w64 = tl.where(mask, w, 0.0).to(tl.float64)
     tl.store(partial_ptr + 3 * pid, tl.sum(w64 * w64, axis=0))
     tl.store(partial_ptr + 3 * pid + 1, tl.sum(d * d, axis=0))
@@ -111,7 +132,7 @@ def phase2_kernel(w_ptr, g_ptr, m_ptr, v_ptr, out_ptr, scal_ptr, rescale_ptr, st
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    eps, wd, bias1, bias2 = _direction_scalars(scal_ptr)
+    eps, wd, bias1, inv1, inv2 = _direction_scalars(scal_ptr)
     step = tl.load(steps_ptr).to(tl.float32)
     w = _load(w_ptr, offs, mask, W_KIND)
     if RECOMPUTE:
@@ -122,7 +143,7 @@ def phase2_kernel(w_ptr, g_ptr, m_ptr, v_ptr, out_ptr, scal_ptr, rescale_ptr, st
     else:
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=1.0)
-    new = w - step * _direction(m, v, w, eps, wd, bias1, bias2, BIAS)
+    new = w - step * _direction(m, v, w, eps, wd, bias1, inv1, inv2, BIAS)
     if WRITE_W:
         _store(w_ptr, offs, mask, new, W_KIND)
     _store(out_ptr, offs, mask, new, O_KIND)
