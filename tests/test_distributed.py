@@ -123,3 +123,15 @@ def test_process_group_escape_hatch_for_hand_sharded_tensors(results):
     r0, r1 = _ok(results, "process_group")
     assert r0["max_diff"] <= 1e-6 and r1["max_diff"] <= 1e-6
     assert 0 in r1["shard_sizes"]
+
+
+def test_readme_fsdp2_example_runs_under_torchrun():
+    """examples/fsdp2_lamb.py, the README's runnable example: 2 processes, one all-reduce per step,
+    equal to one process (the script checks both and exits non-zero otherwise)."""
+    script = pathlib.Path(__file__).parents[1] / "examples" / "fsdp2_lamb.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), str(script), "--steps", "3"],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "all-reduces per step: [1, 1, 1]; max |FSDP2 - one process| = 0" in out.stdout, out.stdout
