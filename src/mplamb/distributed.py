@@ -10,8 +10,8 @@ the whole norm is their sum over the processes that hold the shards:
 * plain tensors: ``process_group`` when given, else nothing is reduced (one process, DDP,
   ZeRO-1: each process holds whole parameters).
 
-The optimizer sums all partial norms of one group in **one** all-reduce per step and phase
-(see :meth:`mplamb.Lamb.step`).  Elementwise work only ever touches local shards.
+The optimizer sums all partial norms of one group — weights', updates' and gradients' — in
+**one** all-reduce per step (two on a step where ``max_grad_norm`` clips; see :meth:`mplamb.Lamb.step`).  Elementwise work only ever touches local shards.
 """
 from __future__ import annotations
 
