@@ -210,3 +210,23 @@ def test_backend_is_deterministic(backend):
         runs.append([t for t, _ in tensors(b)])
     for a, b in zip(*runs):
         assert torch.equal(a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("same_list", [True, False])
+def test_gradient_pass_memo_is_used_only_by_the_same_gradient_list(backend, same_list):
+    """grad_sum_of_squares(grads, memo) may leave the gradients' addresses for phase 1; phase 1 may
+    take them only for the very same list object (this step's), never for other gradients."""
+    impl = get_backend(backend)
+    kw = dict(weight_dtype=torch.bfloat16, master=True, shapes=SHAPES)
+    batch, other = build(seed=8, **kw), build(seed=9, **kw)
+    memo = {}
+    impl.grad_sum_of_squares(batch.grads if same_list else other.grads, memo=memo)
+    batch.memo = memo
+    got = impl.lamb_step(batch)
+    ref_batch = build(seed=8, **kw)
+    ref = get_backend("reference").lamb_step(ref_batch)
+    torch.testing.assert_close(got.sumsq, ref.sumsq, rtol=1e-12, atol=0)
+    for (a, _), (b, _) in zip(tensors(ref_batch), tensors(batch)):
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-6, equal_nan=True)
+    assert "grad_addresses" not in memo  # consumed (or never left) by phase 1

@@ -82,6 +82,7 @@ class _Work:
     grad_sumsq: Optional[torch.Tensor] = None
     states: List[Dict[str, Any]] = None  # type: ignore[assignment]
     memo: Optional[Dict[str, Any]] = None  # the backend's memo for this work's state tensors (LambBatch.memo)
+    grads: List[torch.Tensor] = None  # type: ignore[assignment]  # this step's gradients (local shards), one list
 
 
 class Lamb(Optimizer):
@@ -240,11 +241,15 @@ class Lamb(Optimizer):
                 work = works.get(key)
                 if work is None:
                     work = works[key] = _Work(group=group, params=[], master=dtype in HALF_DTYPES and not no_master,
-                                              group_pg=pg, dtensor=sharded, memo=self._memo.setdefault(key, {}))
+                                              group_pg=pg, dtensor=sharded, memo=self._memo.setdefault(key, {}),
+                                              grads=[])
                 work.params.append(p)
+                work.grads.append(grad)
         out = list(works.values())
         for w in out:
             w.backend = get_backend(w.group["backend"], w.params[0].device)
+            if w.dtensor:  # the kernels see local shards
+                w.grads = [local(g) for g in w.grads]
         return out
 
     @staticmethod
@@ -342,7 +347,7 @@ class Lamb(Optimizer):
                     anchor: torch.device) -> None:
         """Gradient norms (global clipping norm, finite check), then phase 1, norms, phase 2."""
         for w in works:
-            w.grad_sumsq = w.backend.grad_sum_of_squares([local(p.grad) if w.dtensor else p.grad for p in w.params])
+            w.grad_sumsq = w.backend.grad_sum_of_squares(w.grads, memo=w.memo)
         sumsqs = self._reduce(works, [w.grad_sumsq for w in works])
         total = self._global_grad_norm(works, sumsqs, inv_scale, anchor) ** 2
         if self.partition_group is not None:  # ZeRO-1: every process holds other parameters
@@ -418,9 +423,9 @@ class Lamb(Optimizer):
         means = [st["exp_avg"] for st in states]
         vars_ = [st["exp_avg_sq"] for st in states]
         masters = [st["master_weight"] for st in states] if work.master else [None] * len(states)
-        weights, grads = list(work.params), [p.grad for p in work.params]
+        weights, grads = list(work.params), work.grads  # the very list the gradient pass saw
         if work.dtensor:  # the kernels see local shards
-            means, vars_, weights, grads = ([local(t) for t in ts] for ts in (means, vars_, weights, grads))
+            means, vars_, weights = ([local(t) for t in ts] for ts in (means, vars_, weights))
             masters = [local(t) for t in masters] if work.master else masters
         rescale = None
         max_norm = group["max_grad_norm"]

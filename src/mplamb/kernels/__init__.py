@@ -6,8 +6,9 @@ A backend is a module with
   the two halves of a step (see :mod:`.contract`; a *dry* phase 1 writes nothing and phase 2
   then writes the moments too); ``lamb_step(batch, reducer, dry=False)`` runs both with the
   norms reduced in between;
-* ``grad_sum_of_squares(grads) -> Tensor``: per-tensor float64 sums of squares of the raw
-  gradients (the global-norm clipping and non-finite check read them);
+* ``grad_sum_of_squares(grads, memo=None) -> Tensor``: per-tensor float64 sums of squares of the
+  raw gradients (the global-norm clipping and non-finite check read them; ``memo``: the batch
+  memo, where a backend may leave what phase 1 of the same step can reuse);
 * optionally ``supports_device(device) -> bool`` and ``AVAILABLE`` (False when an optional
   dependency such as numba or Triton is missing).
 

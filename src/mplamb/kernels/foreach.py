@@ -9,7 +9,7 @@ full-size temporaries per stage and is no faster than the reference (``python -m
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -97,6 +97,6 @@ def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer, *, dry: bo
     return run_step(sys.modules[__name__], batch, reducer, dry=dry)
 
 
-def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor ``sum(grad**2)`` in float64, shape ``(n,)``."""
+def grad_sum_of_squares(grads: Sequence[torch.Tensor], memo: Optional[dict] = None) -> torch.Tensor:
+    """Per-tensor ``sum(grad**2)`` in float64, shape ``(n,)`` (``memo``: unused)."""
     return _sumsq(list(grads))

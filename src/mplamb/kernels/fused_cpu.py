@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import operator
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -162,7 +162,12 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
             w_addr = _addresses([batch.weights[i] for i in idx], stage, inplace)
         outs = [batch.outs[i] for i in idx]
         o_addr = w_addr if all(inplace) else np.where(inplace, w_addr, _addresses(outs, stage))
-        g_addr = _addresses(batch.grads if everything else [batch.grads[i] for i in idx], stage, [False] * len(idx))
+        hit = batch.memo.pop("grad_addresses", None) if batch.memo is not None else None
+        if everything and hit is not None and hit[0] is batch.grads:  # from this step's gradient pass
+            g_addr = hit[1]
+        else:
+            g_addr = _addresses(batch.grads if everything else [batch.grads[i] for i in idx], stage,
+                                [False] * len(idx))
         ct, cs, cl = _chunks_of(sz)
         cdtype = torch.float64 if m_dtype == torch.float64 else torch.float32
         scal, bias = _scalar_tables(batch, idx, cdtype)
@@ -204,8 +209,13 @@ def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer, *, dry: bo
     return run_step(sys.modules[__name__], batch, reducer, dry=dry)
 
 
-def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor ``sum(grad**2)`` in float64, shape ``(n,)`` (one parallel pass)."""
+def grad_sum_of_squares(grads: Sequence[torch.Tensor], memo: Optional[dict] = None) -> torch.Tensor:
+    """Per-tensor ``sum(grad**2)`` in float64, shape ``(n,)`` (one parallel pass).
+
+    With a ``memo`` (the batch memo of :class:`LambBatch`), the addresses of ``grads`` are left
+    there for phase 1 of the same step, which takes them only if its ``batch.grads`` is this very
+    list object (a new list every step) and removes them.
+    """
     n = len(grads)
     out = np.zeros(n, dtype=np.float64)
     if n == 0:
@@ -220,7 +230,10 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         sizes = np.fromiter((g.numel() for g in gs), dtype=np.int64, count=len(gs))
         ct, cs, cl = _chunks_of(sizes)
         partial = np.empty((ct.shape[0], 1), dtype=np.float64)
-        K.grad_sumsq_pass(_addresses(gs, stage, [False] * len(gs)), sizes, _MARK[dtype], ct, cs, cl, partial)
+        addr = _addresses(gs, stage, [False] * len(gs))
+        if memo is not None and len(idx) == n and not len(stage):  # one dtype, nothing staged: reusable
+            memo["grad_addresses"] = (grads, addr)
+        K.grad_sumsq_pass(addr, sizes, _MARK[dtype], ct, cs, cl, partial)
         out[idx] = K.sum_chunks(partial, ct, len(idx))[0]
     return torch.from_numpy(out)
 

@@ -143,8 +143,8 @@ def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer, *, dry: bo
     return run_step(sys.modules[__name__], batch, reducer, dry=dry)
 
 
-def grad_sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor ``sum(grad**2)`` in float64, shape ``(n,)``, on the grads' device."""
+def grad_sum_of_squares(grads: Sequence[torch.Tensor], memo: Optional[dict] = None) -> torch.Tensor:
+    """Per-tensor ``sum(grad**2)`` in float64, shape ``(n,)``, on the grads' device (``memo``: unused)."""
     if not grads:
         return torch.zeros(0, dtype=torch.float64)
     return torch.stack([sum_of_squares(g) for g in grads])
