@@ -326,15 +326,16 @@ class Lamb(Optimizer):
             self._step_plain(works, inv_scale, bad, anchor)
         return loss
 
-    def _global_grad_norm(self, works: List[_Work], sumsqs: List[torch.Tensor], inv_scale: Optional[torch.Tensor],
-                          anchor: torch.device) -> torch.Tensor:
-        """``sqrt(sum_i rescale_i**2 ||grad_i||**2) / loss_scale`` from reduced per-tensor sums of squares."""
+    def _global_grad_sumsq(self, works: List[_Work], sumsqs: List[torch.Tensor], inv_scale: Optional[torch.Tensor],
+                           anchor: torch.device) -> torch.Tensor:
+        """``sum_i rescale_i**2 ||grad_i||**2 / loss_scale**2`` (the squared global gradient norm) from
+        reduced per-tensor sums of squares."""
         total = torch.zeros((), dtype=torch.float64, device=anchor)
         for w, sq in zip(works, sumsqs):
             total = total + sq.sum().to(anchor) * float(w.group["rescale_grad"]) ** 2
         if inv_scale is not None:
             total = total * inv_scale.to(anchor) ** 2
-        return torch.sqrt(total)
+        return total
 
     def _skip(self, bad: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         if bool((bad > 0) | ~torch.isfinite(grad_norm)):  # the one host synchronisation of a step
@@ -349,7 +350,7 @@ class Lamb(Optimizer):
         for w in works:
             w.grad_sumsq = w.backend.grad_sum_of_squares(w.grads, memo=w.memo)
         sumsqs = self._reduce(works, [w.grad_sumsq for w in works])
-        total = self._global_grad_norm(works, sumsqs, inv_scale, anchor) ** 2
+        total = self._global_grad_sumsq(works, sumsqs, inv_scale, anchor)
         if self.partition_group is not None:  # ZeRO-1: every process holds other parameters
             pg = None if self.partition_group == "world" else self.partition_group  # None: the default group
             both = all_reduce_sum(torch.stack([total, bad]), pg)
@@ -373,7 +374,7 @@ class Lamb(Optimizer):
         batches = [self._batch(w, None, inv_scale) for w in works]
         firsts = [w.backend.phase1_batch(b, dry=True) for w, b in zip(works, batches)]
         reduced = self._reduce(works, [p1.sumsq for p1 in firsts])
-        grad_norm = self._global_grad_norm(works, [r[2] for r in reduced], inv_scale, anchor)
+        grad_norm = torch.sqrt(self._global_grad_sumsq(works, [r[2] for r in reduced], inv_scale, anchor))
         if self._skip(bad, grad_norm):
             for p in fresh:  # nothing was written; lazily created state goes too
                 del self.state[p]
