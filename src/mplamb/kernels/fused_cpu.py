@@ -81,7 +81,8 @@ def _addresses(tensors: Sequence[torch.Tensor], stage: _Staging, written: Sequen
     return np.array(ptrs, dtype=np.int64)
 
 
-def _owned_addresses(name: tuple, tensors: List[torch.Tensor], stage: _Staging, memo) -> Tuple["np.ndarray", "np.ndarray"]:
+def _owned_addresses(name: tuple, tensors: List[torch.Tensor], stage: _Staging,
+                     memo: Optional[dict]) -> Tuple["np.ndarray", "np.ndarray"]:
     """Addresses and sizes of optimizer-owned tensors (moments, masters), remembered in ``memo`` from
     one step to the next while the list holds the very same (contiguous) tensor objects."""
     if memo is not None:
@@ -111,7 +112,7 @@ def _scalar_tables(batch: LambBatch, idx: List[int], cdtype: torch.dtype):
             rows_scal.append((sc.rescale if override is None else override, -1.0 if sc.clip is None else sc.clip,
                               sc.beta1, sc.beta2, sc.one_minus_beta1, sc.one_minus_beta2, sc.epsilon, sc.wd))
             rows_bias.append((0.0, 0.0, 0.0, 0.0) if sc.bias1 is None else
-                             (sc.bias1, sc.bias2, 1.0 / sc.bias2, 1.0 / sc.bias1))
+                             (sc.bias1, sc.bias2, 1.0 / sc.bias1, 1.0 / sc.bias2))
         which.append(r)
     sel = np.asarray(which, dtype=np.int64) if len(which) == len(idx) else np.zeros(len(idx), dtype=np.int64)
     scal = np.asarray(rows_scal, dtype=npdt)[sel]
@@ -147,6 +148,7 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
     stage = _Staging()
     plans = []
     sumsq = np.zeros((3 if dry else 2, n), dtype=np.float64)
+    noted = batch.memo.pop("grad_addresses", None) if batch.memo is not None else None  # this step's, or stale
     for (src_dtype, g_dtype, m_dtype, has_master, o_dtype), idx in _partition(batch).items():
         # the decay source is written with a master, or when the output is the weight itself (in place)
         inplace = [not has_master and batch.outs[i] is batch.weights[i] for i in idx]
@@ -162,9 +164,8 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
             w_addr = _addresses([batch.weights[i] for i in idx], stage, inplace)
         outs = [batch.outs[i] for i in idx]
         o_addr = w_addr if all(inplace) else np.where(inplace, w_addr, _addresses(outs, stage))
-        hit = batch.memo.pop("grad_addresses", None) if batch.memo is not None else None
-        if everything and hit is not None and hit[0] is batch.grads:  # from this step's gradient pass
-            g_addr = hit[1]
+        if everything and noted is not None and noted[0] is batch.grads:  # from this step's gradient pass
+            g_addr = noted[1]
         else:
             g_addr = _addresses(batch.grads if everything else [batch.grads[i] for i in idx], stage,
                                 [False] * len(idx))

@@ -182,10 +182,11 @@ def _divide_in_float64(x, d, inv):
     division: Markstein's correction of the reciprocal product, ``q = x * inv``,
     ``r = fma(-q, d, x)`` (exact), ``q' = fma(r, inv, q)``, is the correctly rounded float64
     quotient when ``inv = RN(1/d)`` (P. Markstein, IBM J. Res. Dev. 1990; the division chapter
-    of the Handbook of Floating-Point Arithmetic), with no overflow or underflow in float64 for float32 ``x`` and ``d`` in (0, 1].
-    Zeros keep their sign (an OR of the sign bit); an infinite ``x`` gives NaN instead of inf, which only
-    happens with an infinite ``var`` too, where the direction is NaN either way.  Checked
-    against the division in ``tests/test_ieee.py``.  float64 ``x`` divides."""
+    of the Handbook of Floating-Point Arithmetic), with no overflow or underflow in float64 for
+    float32 ``x`` and ``d`` in (0, 1].  Zeros keep their sign (an OR of the sign bit); an infinite
+    ``x`` gives NaN instead of inf, which only happens with an infinite ``var`` too, where the
+    direction is NaN either way.  Checked against the division in ``tests/test_ieee.py``.
+    float64 ``x`` divides."""
     if x == types.float32:
         def f32(x, d, inv):
             x64 = np.float64(x)
@@ -236,12 +237,22 @@ def _moments(gj, mj, vj, rescale, clip, b1, b2, omb1, omb2):
     return mj * b1 + s * omb1, vj * b2 + (s * omb2) * s
 
 
+@njit(inline="always")
+def _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2):
+    """:func:`_moments` of element ``j``, written back to ``mean``/``var`` (a writing phase 1, or
+    phase 2 after a dry one)."""
+    m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
+    mean[j] = m
+    var[j] = v
+    return m, v
+
+
 @njit(parallel=True, cache=True)
 def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
                 scal, bias, chunk_tensor, chunk_start, chunk_len, partial, scratch, write):
     """Phase 1 + local squared norms.  ``scal[i]`` = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2,
-    eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2, 1/bias2, 1/bias1) as float64
-    (bias1 = 0: off).
+    eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2, 1/bias1, 1/bias2) as
+    float64 (bias1 = 0: off).
     ``partial[k]`` receives (sum w**2, sum g**2, sum grad**2) of chunk ``k``; the moments are written
     only when ``write`` (the gradients' column only when not)."""
     for k in prange(chunk_tensor.shape[0]):
@@ -255,7 +266,7 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
         var = view(v_addr[i], size, m_mark)[s0:s0 + n]
         rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
-        bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 3], bias[i, 2]
+        bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], bias[i, 3]
         dirs = scratch[get_thread_id(), :n]  # the chunk's directions
         if write:
             for j in range(n):
@@ -269,15 +280,6 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
             partial[k, 2] = sum_of_squares(g)
         partial[k, 0] = sum_of_squares(w)
         partial[k, 1] = sum_of_squares(dirs)
-
-
-@njit(inline="always")
-def _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2):
-    """:func:`_moments` of element ``j``, written back to ``mean``/``var`` (phase 2 after a dry phase 1)."""
-    m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
-    mean[j] = m
-    var[j] = v
-    return m, v
 
 
 @njit(inline="always")
@@ -299,7 +301,7 @@ def _phase2_chunk(k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_ma
     var = view(v_addr[i], size, m_mark)[s0:s0 + n]
     eps, wd = scal[i, 6], scal[i, 7]
     return (i, s0, n, w, g, mean, var, scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], scal[i, 4], scal[i, 5],
-            eps, wd, bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 3], bias[i, 2], cast_like(steps[i], eps))
+            eps, wd, bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], bias[i, 3], cast_like(steps[i], eps))
 
 
 # Three loop bodies, so that LLVM sees exactly which arrays are written: an in-place update
@@ -323,7 +325,8 @@ def phase2_inplace_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m
                 w[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), w_mark)
         else:
             for j in range(n):
-                w[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), w_mark)
+                new = _new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2)
+                w[j] = store(new, w_mark)
 
 
 @njit(parallel=True, cache=True)
@@ -363,7 +366,8 @@ def phase2_out_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mar
                 out[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), o_mark)
         else:
             for j in range(n):
-                out[j] = store(_new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), o_mark)
+                new = _new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2)
+                out[j] = store(new, o_mark)
 
 
 @njit(parallel=True, cache=True)

@@ -25,7 +25,8 @@ from .._scalars import Phase1Scalars, compute_dtype
 from ._ieee import ieee_sqrt
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
-__all__ = ["moments", "direction", "phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares", "grad_sum_of_squares", "lamb_step"]
+__all__ = ["moments", "direction", "phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares",
+           "grad_sum_of_squares", "lamb_step"]
 
 Scale = Union[float, torch.Tensor]
 

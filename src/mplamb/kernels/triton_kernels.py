@@ -95,7 +95,7 @@ def _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND: tl.
         s = tl.where(s < -clip, -clip, s)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0) * b1 + s * omb1
     v = tl.load(v_ptr + offs, mask=mask, other=0.0) * b2 + (s * omb2) * s
-    return m, v, s
+    return m, v
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def phase1_kernel(w_ptr, g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, partial_ptr
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     eps, wd, bias1, inv1, inv2 = _direction_scalars(scal_ptr)
-    m, v, s = _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND, HAS_CLIP, RESCALE_FROM_PTR)
+    m, v = _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND, HAS_CLIP, RESCALE_FROM_PTR)
     if WRITE:
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
@@ -136,7 +136,7 @@ def phase2_kernel(w_ptr, g_ptr, m_ptr, v_ptr, out_ptr, scal_ptr, rescale_ptr, st
     step = tl.load(steps_ptr).to(tl.float32)
     w = _load(w_ptr, offs, mask, W_KIND)
     if RECOMPUTE:
-        m, v, s = _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND, HAS_CLIP,
+        m, v = _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND, HAS_CLIP,
                            RESCALE_FROM_PTR)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
