@@ -230,3 +230,47 @@ def test_gradient_pass_memo_is_used_only_by_the_same_gradient_list(backend, same
     for (a, _), (b, _) in zip(tensors(ref_batch), tensors(batch)):
         torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-6, equal_nan=True)
     assert "grad_addresses" not in memo  # consumed (or never left) by phase 1
+
+
+def merged(*batches):
+    """One non-uniform batch of several batches' tensors (several dtype partitions: one launch each)."""
+    fields = ("weights", "grads", "means", "vars", "masters", "outs", "scalars")
+    lists = {f: [x for b in batches for x in getattr(b, f)] for f in fields}
+    return LambBatch(**lists, lrs=[lr for b in batches for lr in b.lrs])
+
+
+MIXED = [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True), (torch.float64, False),
+         (torch.bfloat16, False)]
+
+
+@pytest.mark.parametrize("backend", OTHER)
+@pytest.mark.parametrize("dry", [False, True])
+def test_backend_mixed_dtype_partitions(backend, dry):
+    """Tensors of several dtype combinations in one batch, interleaved: every partition gets its own
+    launch and its norms land in the right columns."""
+    def build_mixed():
+        parts = [build(seed=20 + k, weight_dtype=dt, master=ms, shapes=[(33,), (0,), (5, 3), (2500,)][k % 2:])
+                 for k, (dt, ms) in enumerate(MIXED)]
+        b = merged(*parts)
+        order = [j for k in range(4) for j in range(k, len(b.weights), 4)]  # interleave the partitions
+        return LambBatch(**{f: [getattr(b, f)[j] for j in order] for f in
+                            ("weights", "grads", "means", "vars", "masters", "outs", "scalars")},
+                         lrs=[b.lrs[j] for j in order])
+
+    ref_batch, fast_batch = build_mixed(), build_mixed()
+    ref = get_backend("reference").lamb_step(ref_batch)
+    fast = get_backend(backend).lamb_step(fast_batch, dry=dry)
+    torch.testing.assert_close(fast.sumsq, ref.sumsq, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fast.step_sizes, ref.step_sizes, rtol=1e-6, atol=0)
+    for k, ((a, _), (b, _)) in enumerate(zip(tensors(ref_batch), tensors(fast_batch))):
+        torch.testing.assert_close(b, a, rtol=RTOL[a.dtype], atol=1e-7, msg=f"tensor {k}")
+
+
+@pytest.mark.parametrize("backend", OTHER)
+def test_grad_sum_of_squares_mixed_dtypes(backend):
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(s, generator=g).to(dt) for s, dt in
+             [((7,), torch.float32), ((3000,), torch.bfloat16), ((0,), torch.float16), ((9, 2), torch.float64),
+              ((), torch.float32), ((40,), torch.float16)]]
+    ref = get_backend("reference").grad_sum_of_squares(grads)
+    torch.testing.assert_close(get_backend(backend).grad_sum_of_squares(grads), ref, rtol=1e-12, atol=0)

@@ -26,7 +26,13 @@ def _bench(args: argparse.Namespace) -> int:
         if s not in ("fp32", "bf16"):
             print(f"--setups: unknown setup {s!r} (choose from fp32, bf16)", file=sys.stderr)
             return 2
-    backends = args.backends.split(",") if args.backends else available_backends("cpu")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA device here", file=sys.stderr)
+            return 2
+    backends = args.backends.split(",") if args.backends else available_backends(args.device)
     bar = tqdm(desc="bench", bar_format="{desc}", leave=False) if tqdm else None
 
     def progress(msg: str) -> None:
@@ -34,7 +40,7 @@ def _bench(args: argparse.Namespace) -> int:
             bar.set_description_str(msg)
 
     result = bench.run(workloads, setups, repeats=args.repeats, with_peers=not args.no_peers, backends=backends,
-                       progress=progress)
+                       progress=progress, device=args.device)
     if bar is not None:
         bar.close()
     out = pathlib.Path(args.out)
@@ -88,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--setups", default="fp32,bf16",
                        help="comma-separated: fp32 params, or bf16 params with fp32 master weights (peers stay fp32)")
     bench.add_argument("--repeats", type=int, default=7, help="timed steps per optimizer (round-robin)")
+    bench.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU: Triton backend, copy roof)")
     bench.add_argument("--backends", default="", help="mplamb backends to time (default: all available)")
     bench.add_argument("--no-peers", action="store_true", help="time only mplamb's backends and the roof")
     bench.add_argument("--out", default="mplamb-report-bench", help="folder for bench.md/json/png")

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-FAST = "mplamb Lamb [fused_cpu]"
+FAST = {"cpu": "mplamb Lamb [fused_cpu]", "cuda": "mplamb Lamb [triton]"}  # the backend "auto" picks
+
+
+def _fast(result: dict) -> str:
+    return FAST[result.get("device", "cpu")]
 
 
 def _groups(result: dict) -> Dict[Tuple[str, str], List[dict]]:
@@ -15,28 +19,32 @@ def _groups(result: dict) -> Dict[Tuple[str, str], List[dict]]:
 
 def table(result: dict) -> str:
     """A Markdown table per (workload, setup) with medians, spread, roof fraction and ratios."""
-    lines = [f"Roofs measured in the same run: STREAM triad {result['triad_gb_per_s']:.1f} GB/s, "
-             f"in-place pass {result['inplace_gb_per_s']:.1f} GB/s ({result['repeats']} round-robin repeats, "
-             f"medians).", ""]
+    fast = _fast(result)
+    gpu = f" on {result['machine']['gpu']}" if "gpu" in result["machine"] else ""
+    lines = [f"Roofs measured in the same run{gpu}: STREAM triad {result['triad_gb_per_s']:.1f} GB/s, "
+             f"in-place pass {result['inplace_gb_per_s']:.1f} GB/s, copy {result['copy_gb_per_s']:.1f} GB/s "
+             f"(bytes read + written; {result['repeats']} round-robin repeats, medians).  Fractions are of the "
+             f"{result['roof']} roof.", ""]
     for (wl, setup), rows in _groups(result).items():
-        ours = next((r for r in rows if r["name"] == FAST), None)
+        ours = next((r for r in rows if r["name"] == fast), None)
         n, nt = rows[0]["params"], rows[0]["tensors"]
         lines += [f"**{wl}** ({nt} tensors, {n / 1e6:.1f}M params), setup **{setup}** "
                   f"(mplamb params {setup}{' + fp32 masters' if setup != 'fp32' else ''}; peers fp32)", "",
-                  "| optimizer | params | s/step (median) | p25-p75 | ns/param | fraction of in-place roof | "
-                  f"{FAST.split()[-1]} is faster by | peak extra MB | warm-up s |",
+                  f"| optimizer | params | s/step (median) | p25-p75 | ns/param | fraction of {result['roof']} roof | "
+                  f"{fast.split()[-1]} is faster by | peak extra MB | warm-up s |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: r["median_s"]):
-            frac = f"{r['fraction_of_inplace_roof']:.2f}" if "fraction_of_inplace_roof" in r else "-"
+            frac = f"{r['fraction_of_roof']:.2f}" if "fraction_of_roof" in r else "-"
             ratio = f"{r['median_s'] / ours['median_s']:.2f}x" if ours and r is not ours else "-"
             mem = f"{r['peak_extra_mb']:.0f}" if r.get("peak_extra_mb") is not None else "-"
             lines.append(f"| {r['name']} | {r['param_dtype']} | {r['median_s']:.4f} | {r['p25_s']:.4f}-{r['p75_s']:.4f}"
                          f" | {r['ns_per_param']:.2f} | {frac} | {ratio} | {mem} | {r['warmup_s']:.2f} |")
         if ours and nt >= 1000:
-            bytes_s = ours["bytes_per_param"] * n / (result["inplace_gb_per_s"] * 1e9)
+            bytes_s = ours["bytes_per_param"] * n / (result["roof_gb_per_s"] * 1e9)
             per_tensor = (ours["median_s"] - bytes_s) / nt * 1e6
-            lines.append(f"\nPer-tensor overhead of {FAST}: {per_tensor:.2f} us/tensor "
-                         "(step time minus its bytes at the in-place roof, divided by the number of tensors).")
+            lines.append(f"\nPer-tensor overhead of {fast}: {per_tensor:.2f} us/tensor "
+                         f"(step time minus its bytes at the {result['roof']} roof, divided by the number of "
+                         "tensors).")
         lines.append("")
     return "\n".join(lines)
 
@@ -58,8 +66,9 @@ def chart(result: dict, path: str) -> None:
         colors = ["tab:red" if n.startswith("mplamb") else "tab:gray" for n in names]
         ax.barh(names, med, xerr=err, color=colors)
         n = rows[0]["params"]
-        roof_ms = 40 * n / (result["inplace_gb_per_s"] * 1e9) * 1e3
-        ax.axvline(roof_ms, color="tab:blue", linestyle="--", label=f"40 B/param at the in-place roof ({roof_ms:.0f} ms)")
+        roof_ms = 40 * n / (result["roof_gb_per_s"] * 1e9) * 1e3
+        ax.axvline(roof_ms, color="tab:blue", linestyle="--",
+                   label=f"40 B/param at the {result['roof']} roof ({roof_ms:.3g} ms)")
         ax.set_xscale("log")
         ax.set_xlabel("ms per step (median, p25-p75), log scale")
         ax.set_title(f"{wl}, {setup}")

@@ -63,8 +63,16 @@ def _status_kb(key: str) -> Optional[int]:
     return None
 
 
-def peak_extra_mb(fn: Callable[[], None]) -> Optional[float]:
-    """Peak resident memory added while ``fn`` runs (Linux: resets VmHWM via clear_refs)."""
+def peak_extra_mb(fn: Callable[[], None], device: torch.device = torch.device("cpu")) -> Optional[float]:
+    """Peak memory added while ``fn`` runs: device memory on a GPU (the caching allocator's peak),
+    resident memory on the CPU (Linux: resets VmHWM via clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0.0, (torch.cuda.max_memory_allocated(device) - before) / 2**20)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -79,7 +87,7 @@ def peak_extra_mb(fn: Callable[[], None]) -> Optional[float]:
     return max(0.0, (peak - before) / 1024.0)
 
 
-def machine() -> Dict[str, object]:
+def machine(device: torch.device = torch.device("cpu")) -> Dict[str, object]:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -93,7 +101,10 @@ def machine() -> Dict[str, object]:
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "mplamb": mplamb.__version__,
     }
-    for mod in ("numba", "pytorch_optimizer", "torch_optimizer", "timm"):
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    for mod in ("numba", "triton", "pytorch_optimizer", "torch_optimizer", "timm"):
         try:
             info[mod] = __import__(mod).__version__
         except Exception:
@@ -101,30 +112,50 @@ def machine() -> Dict[str, object]:
     return info
 
 
-def _params(shapes, dtype, seed=0):
+def _params(shapes, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(dtype)) for s in shapes]
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype)) for s in shapes]
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds ``fn`` takes, the device's queued work included (synchronised before and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+# The roof an optimizer step is measured against: on the CPU an in-place read-modify-write pass
+# (an optimizer's access pattern), on a GPU a device-to-device copy (the issue's yardstick).
+ROOF = {"cpu": "inplace", "cuda": "copy"}
 
 
 def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: bool = True,
         backends: Optional[List[str]] = None, progress: Optional[Callable[[str], None]] = None,
-        roof_elements: int = 50_000_000) -> dict:
-    """Benchmark every candidate on every (workload, setup); returns a JSON-ready dict."""
-    backends = backends or available_backends("cpu")
-    roof = Roof(roof_elements)
+        roof_elements: Optional[int] = None, device: str = "cpu") -> dict:
+    """Benchmark every candidate on every (workload, setup) on ``device``; returns a JSON-ready dict."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    backends = backends or available_backends(dev)
+    roof = Roof(roof_elements or (50_000_000 if dev.type == "cpu" else 256 * 2**20), dev)
     rows: List[Row] = []
     roof_rows = {"triad": Row("roof", "-", "STREAM triad", "float32", bytes_per_param=12),
-                 "inplace": Row("roof", "-", "in-place pass", "float32", bytes_per_param=8)}
+                 "inplace": Row("roof", "-", "in-place pass", "float32", bytes_per_param=8),
+                 "copy": Row("roof", "-", "copy", "float32", bytes_per_param=8)}
     for wl in workloads:
         shapes = WORKLOADS[wl]()
         n = numel(shapes)
         for setup in setups:
             dtype = SETUPS[setup]
             gen = torch.Generator().manual_seed(1)
-            grads32 = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+            grads32 = [(torch.randn(s, generator=gen) * 1e-3).to(dev) for s in shapes]
             cands = []
             for b in backends:
-                ps = _params(shapes, dtype)
+                ps = _params(shapes, dtype, dev)
                 gd = grads32 if dtype == torch.float32 else [g.to(dtype) for g in grads32]
                 for p, g in zip(ps, gd):
                     p.grad = g
@@ -133,7 +164,7 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
                               mplamb.Lamb(ps, lr=LR, weight_decay=WD, backend=b)))
             if with_peers:
                 for name, make in peers().items():
-                    ps = _params(shapes, torch.float32)
+                    ps = _params(shapes, torch.float32, dev)
                     for p, g in zip(ps, grads32):
                         p.grad = g
                     cands.append((Row(wl, setup, name, "float32",
@@ -141,32 +172,24 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
             for row, opt in cands:  # warm-up (compilation, lazy state)
                 if progress:
                     progress(f"{wl}/{setup}: warm-up {row.name}")
-                t0 = time.perf_counter()
-                opt.step()
-                row.warmup_s = time.perf_counter() - t0
+                row.warmup_s = _timed(opt.step, dev)
             for r in range(repeats):
                 for row, opt in cands:
                     if progress:
                         progress(f"{wl}/{setup}: repeat {r + 1}/{repeats} {row.name}")
-                    t0 = time.perf_counter()
-                    opt.step()
-                    row.times.append(time.perf_counter() - t0)
+                    row.times.append(_timed(opt.step, dev))
                 roof.triad()
-                t0 = time.perf_counter()
-                roof.triad()
-                roof_rows["triad"].times.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                roof.inplace()
-                roof_rows["inplace"].times.append(time.perf_counter() - t0)
+                for name, row in roof_rows.items():
+                    row.times.append(_timed(getattr(roof, name), dev))
             for row, opt in cands:
-                row.peak_extra_mb = peak_extra_mb(opt.step)
+                row.peak_extra_mb = peak_extra_mb(opt.step, dev)
                 rows.append(row)
                 row._n = n  # type: ignore[attr-defined]
                 row._tensors = len(shapes)  # type: ignore[attr-defined]
             del cands
             gc.collect()
-    triad_bw = roof.triad_bytes / roof_rows["triad"].median
-    inplace_bw = roof.inplace_bytes / roof_rows["inplace"].median
+    bandwidth = {name: roof.bytes(name) / row.median for name, row in roof_rows.items()}
+    roof_bw = bandwidth[ROOF[dev.type]]
     out_rows = []
     for row in rows:
         d = row.as_dict()
@@ -176,7 +199,8 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
         d["ns_per_param"] = row.median / n * 1e9
         if row.bytes_per_param:
             d["gb_per_s"] = row.bytes_per_param * n / row.median / 1e9
-            d["fraction_of_inplace_roof"] = d["gb_per_s"] * 1e9 / inplace_bw
+            d["fraction_of_roof"] = d["gb_per_s"] * 1e9 / roof_bw
         out_rows.append(d)
-    return {"machine": machine(), "repeats": repeats, "triad_gb_per_s": triad_bw / 1e9,
-            "inplace_gb_per_s": inplace_bw / 1e9, "rows": out_rows}
+    return {"machine": machine(dev), "device": dev.type, "repeats": repeats,
+            "roof": roof_rows[ROOF[dev.type]].name, "roof_gb_per_s": roof_bw / 1e9,
+            **{f"{name}_gb_per_s": bw / 1e9 for name, bw in bandwidth.items()}, "rows": out_rows}

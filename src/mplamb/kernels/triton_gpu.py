@@ -1,24 +1,31 @@
 """The Triton backend: the fused two-pass step on GPUs (kernels in :mod:`.triton_kernels`).
 
-Per tensor, phase 1 (moments updated, per-block float64 partial sums of ``w**2`` and
-``g**2``; directions never stored) and phase 2 (direction recomputed from the stored
-moments).  No host synchronisation: scalars go to the device in one table per step,
-partial sums are reduced on the device, step sizes are read by the kernels from device
-memory.  float32 compute only: float64 tensors and half-precision moments are delegated to
-the reference backend.  Runs on CUDA; on CPU only under ``TRITON_INTERPRET=1`` (tests).
+Multi-tensor launches: per partition of tensors sharing dtypes (:func:`._plan.partition`),
+phase 1 is one kernel over every block of every tensor (moments updated, per-block float64
+partial sums of ``w**2`` and ``g**2``; directions never stored) plus one per-tensor reduction
+kernel; phase 2 is one kernel (direction recomputed from the stored moments).  The gradient
+pass (:func:`grad_sum_of_squares`) is likewise one kernel plus one reduction.
 
-Not yet measured on a GPU: one kernel launch per tensor and pass, so thousands of tiny
-tensors pay launch overhead (a multi-tensor launch over a pointer table is the next step).
+Per step the host builds one small table (addresses and hyper-parameter rows of every
+tensor) and uploads it once from pinned memory; the block table is cached per set of tensor
+sizes.  No host synchronisation: partial sums are reduced on the device and step sizes are
+read by the kernels from device memory.  float32 compute only: float64 tensors and
+half-precision moments are delegated to the reference backend.  Runs on CUDA; on CPU only
+under ``TRITON_INTERPRET=1`` (the tests).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
-from typing import List
+from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from . import reference
+from ._plan import batch_addresses, chunk_table, partition, scalar_tables, sizes_of
 from ._staging import Staging
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
@@ -31,97 +38,143 @@ except ImportError:  # triton is optional (extra "gpu")
 
 __all__ = ["AVAILABLE", "supports_device", "phase1_batch", "phase2_batch", "lamb_step", "grad_sum_of_squares"]
 
-BLOCK = 1024
+BLOCK = 2048  # elements per program
+NUM_WARPS = 8
+RBLOCK = 256  # blocks summed at once by the per-tensor reduction
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def supports_device(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and _interpreted()
 
 
-def _arg(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # bf16 travels as bit patterns
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _options() -> dict:
+    # FMA contraction would change float32 results; the interpreter never fuses (and takes no such options)
+    return {} if _interpreted() else {"enable_fp_fusion": False, "num_warps": NUM_WARPS}
 
 
 def _delegate(batch: LambBatch) -> bool:
+    if batch.uniform:
+        src = batch.decay_source(0)
+        return src.dtype == torch.float64 or batch.means[0].dtype != torch.float32
     return any(d == torch.float64 for d in batch.compute_dtypes()) or any(
         m.dtype != torch.float32 for m in batch.means)
 
 
-def _scalars(batch: LambBatch, device: torch.device) -> torch.Tensor:
-    rows = []
-    for sc in batch.scalars:
-        rows.append([sc.rescale, -1.0 if sc.clip is None else sc.clip, sc.beta1, sc.beta2, sc.one_minus_beta1,
-                     sc.one_minus_beta2, sc.epsilon, sc.wd, 1.0 if sc.bias1 is None else sc.bias1,
-                     1.0 if sc.bias2 is None else sc.bias2, 1.0 if sc.bias1 is None else 1.0 / sc.bias1,
-                     1.0 if sc.bias2 is None else 1.0 / sc.bias2])
-    return torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True)
+@functools.lru_cache(maxsize=64)
+def _device_blocks(key: bytes, device: torch.device, block: int):
+    """(tensor of each block int32, first block of each tensor int32, sizes int64) on ``device``, cached
+    per set of sizes."""
+    sizes = np.frombuffer(key, dtype=np.int64)
+    chunks = chunk_table(sizes, block)
+    return (torch.from_numpy(chunks.tensor.astype(np.int32)).to(device),
+            torch.from_numpy(chunks.first.astype(np.int32)).to(device),
+            torch.from_numpy(sizes.copy()).to(device), len(chunks.tensor))
+
+
+def _upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``host`` (int64) on ``device``: one copy from pinned memory, not waited for (the caching host
+    allocator keeps the pinned block until the copy is done)."""
+    t = torch.from_numpy(host)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+class _Launch:
+    """One partition's tables on the device: addresses and scalar rows (``table``), blocks, sizes."""
+
+    def __init__(self, idx: List[int], kinds: tuple, table: torch.Tensor, n: int, blocks: tuple) -> None:
+        self.idx, self.kinds, self.table = idx, kinds, table
+        self.scal_at, self.bias_at = 5 * n, 13 * n
+        self.tid, self.first, self.sizes, self.nblocks = blocks
+
+    def args(self) -> tuple:
+        return (self.table, self.table.view(torch.float64), self.scal_at, self.bias_at, self.tid, self.first,
+                self.sizes)
+
+
+def _sum_blocks(partial: torch.Tensor, first: torch.Tensor, n: int, rows: int) -> torch.Tensor:
+    out = torch.empty(rows, n, dtype=torch.float64, device=partial.device)
+    if n:
+        K.sum_blocks_kernel[(n,)](partial, first, out, n, COLS=partial.shape[1], ROWS=rows, RBLOCK=RBLOCK)
+    return out
+
+
+def _device_of(batch: LambBatch) -> torch.device:
+    return batch.weights[0].device
 
 
 def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
-    """Phase 1 launches (one per tensor) and the local squared norms, reduced on the device."""
+    """Phase 1 of every tensor (one launch per partition) and the local squared norms, reduced on the device."""
+    n = len(batch.weights)
+    rows = 3 if dry else 2
+    if n == 0:
+        return Phase1Result(torch.zeros(rows, 0, dtype=torch.float64), None, dry=dry)
     if _delegate(batch):
         p1 = reference.phase1_batch(batch, dry=dry)
         return Phase1Result(p1.sumsq, ("reference", p1), dry=dry)
-    n = len(batch.weights)
-    device = batch.weights[0].device
+    device = _device_of(batch)
     stage = Staging()
-    scal = _scalars(batch, device)
-    rescale = batch.rescale.to(device=device, dtype=torch.float32) if batch.rescale is not None else scal
-    sums: List[torch.Tensor] = []
-    srcs = []
-    for i in range(n):
-        sc = batch.scalars[i]
-        master = batch.masters[i]
-        weight = batch.weights[i]
-        # the decay source is written with a master, or when the output is the weight itself (in place)
-        w = stage.write(master if master is not None else weight) if (
-            master is not None or batch.outs[i] is weight) else stage.read(weight)
-        g, m, v = stage.read(batch.grads[i]), stage.write(batch.means[i]), stage.write(batch.vars[i])
-        numel = w.numel()
-        blocks = max(1, -(-numel // BLOCK))
-        partial = torch.zeros(blocks, 3, dtype=torch.float64, device=device)
-        if numel:
-            K.phase1_kernel[(blocks,)](
-                _arg(w), _arg(g), m, v, scal[i], rescale, partial, numel,
-                W_KIND=_KIND[w.dtype], G_KIND=_KIND[g.dtype], HAS_CLIP=sc.clip is not None,
-                BIAS=sc.bias1 is not None, RESCALE_FROM_PTR=batch.rescale is not None, WRITE=not dry,
-                BLOCK=BLOCK, **_no_fma())
-        sums.append(partial.sum(0))
-        srcs.append(w)
-    rows = 3 if dry else 2
-    sumsq = torch.stack(sums, dim=1)[:rows] if sums else torch.zeros(rows, 0, dtype=torch.float64, device=device)
-    return Phase1Result(sumsq=sumsq, carry=(srcs, stage, scal, rescale), dry=dry)
+    noted = batch.memo.pop("grad_addresses", None) if batch.memo is not None else None  # this step's, or stale
+    rescale = batch.rescale.to(device=device, dtype=torch.float32) if batch.rescale is not None else None
+    launches, parts = [], partition(batch)
+    sumsq = None
+    with _on(device):
+        for (src_dtype, g_dtype, m_dtype, has_master, o_dtype), idx in parts.items():
+            part = (src_dtype, g_dtype, m_dtype, has_master, o_dtype)
+            w, g, m, v, o, sz = batch_addresses(batch, part, idx, stage, noted)
+            scal, bias = scalar_tables(batch, idx, np.float64, None)
+            k = len(idx)
+            host = np.empty(17 * k, dtype=np.int64)
+            host[:5 * k].reshape(k, 5)[:] = np.stack([w, g, m, v, o], axis=1)
+            host[5 * k:].view(np.float64)[:] = np.concatenate([scal.ravel(), bias.ravel()])
+            launch = _Launch(idx, (_KIND[src_dtype], _KIND[g_dtype], _KIND[o_dtype], has_master),
+                             _upload(host, device), k, _device_blocks(sz.tobytes(), device, BLOCK))
+            partial = torch.empty(max(launch.nblocks, 1), 3, dtype=torch.float64, device=device)
+            if launch.nblocks:
+                K.phase1_kernel[(launch.nblocks,)](
+                    *launch.args(), launch.table if rescale is None else rescale, partial,
+                    W_KIND=launch.kinds[0], G_KIND=launch.kinds[1], RESCALE_FROM_PTR=rescale is not None,
+                    WRITE=not dry, BLOCK=BLOCK, **_options())
+            part_sumsq = _sum_blocks(partial, launch.first, k, rows)
+            if len(parts) == 1:
+                sumsq = part_sumsq
+            else:
+                if sumsq is None:
+                    sumsq = torch.empty(rows, n, dtype=torch.float64, device=device)
+                sumsq[:, idx] = part_sumsq
+            launches.append(launch)
+    return Phase1Result(sumsq=sumsq, carry=(launches, stage, rescale), dry=dry)
 
 
 def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
+    """Phase 2 of every tensor (one launch per partition), then staged tensors copied back."""
+    if p1.carry is None:
+        return None
     if isinstance(p1.carry, tuple) and p1.carry[0] == "reference":
         return reference.phase2_batch(batch, p1.carry[1], steps)
-    srcs, stage, scal, rescale = p1.carry
-    steps = steps.to(scal.device)
-    for i, w in enumerate(srcs):
-        master = batch.masters[i]
-        out = batch.outs[i]
-        out = w if (master is None and out is batch.weights[i]) else stage.write(out)
-        numel = w.numel()
-        if not numel:
-            continue
-        sc = batch.scalars[i]
-        g = stage.read(batch.grads[i])
-        K.phase2_kernel[(-(-numel // BLOCK),)](
-            _arg(w), _arg(g), stage.write(batch.means[i]), stage.write(batch.vars[i]), _arg(out), scal[i], rescale,
-            steps[i:i + 1], numel, W_KIND=_KIND[w.dtype], G_KIND=_KIND[g.dtype], O_KIND=_KIND[out.dtype],
-            WRITE_W=master is not None, BIAS=sc.bias1 is not None, HAS_CLIP=sc.clip is not None,
-            RESCALE_FROM_PTR=batch.rescale is not None, RECOMPUTE=p1.dry, BLOCK=BLOCK, **_no_fma())
+    launches, stage, rescale = p1.carry
+    device = _device_of(batch)
+    steps = steps.to(device)
+    with _on(device):
+        for launch in launches:
+            if not launch.nblocks:
+                continue
+            part_steps = steps if len(launch.idx) == len(steps) else steps[torch.as_tensor(launch.idx, device=device)]
+            w_kind, g_kind, o_kind, has_master = launch.kinds
+            K.phase2_kernel[(launch.nblocks,)](
+                *launch.args(), launch.table if rescale is None else rescale, part_steps,
+                W_KIND=w_kind, G_KIND=g_kind, O_KIND=o_kind, WRITE_W=has_master,
+                RESCALE_FROM_PTR=rescale is not None, RECOMPUTE=p1.dry, BLOCK=BLOCK, **_options())
     stage.finish()
     return None
-
-
-def _no_fma() -> dict:
-    # FMA contraction would change float32 results; the interpreter never fuses (and takes no such option)
-    return {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
 
 
 def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer, *, dry: bool = False) -> StepResult:
@@ -129,4 +182,46 @@ def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer, *, dry: bo
     return run_step(sys.modules[__name__], batch, reducer, dry=dry)
 
 
-grad_sum_of_squares = reference.grad_sum_of_squares
+def grad_sum_of_squares(grads: Sequence[torch.Tensor], memo: Optional[dict] = None) -> torch.Tensor:
+    """Per-tensor ``sum(grad**2)`` in float64, shape ``(n,)``: one launch (plus its reduction) per dtype.
+
+    With a ``memo``, the addresses are left there for phase 1 of the same step (see
+    :func:`mplamb.kernels.fused_cpu.grad_sum_of_squares`).  float64 gradients go to the reference.
+    """
+    n = len(grads)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    device = grads[0].device
+    out = None
+    stage = Staging()
+    by_dtype: dict = {}
+    for i, g in enumerate(grads):
+        by_dtype.setdefault(g.dtype, []).append(i)
+    with _on(device):
+        for dtype, idx in by_dtype.items():
+            gs = [grads[i] for i in idx]
+            if dtype not in _KIND:
+                part = reference.grad_sum_of_squares(gs).to(device)
+            else:
+                addr = np.array([stage.read(g).data_ptr() for g in gs], dtype=np.int64)
+                if memo is not None and len(idx) == n and not len(stage):  # one dtype, nothing staged: reusable
+                    memo["grad_addresses"] = (grads, addr)
+                tid, first, sizes, nblocks = _device_blocks(sizes_of(gs).tobytes(), device, BLOCK)
+                partial = torch.empty(max(nblocks, 1), 1, dtype=torch.float64, device=device)
+                if nblocks:
+                    K.grad_sumsq_kernel[(nblocks,)](_upload(addr, device), tid, first, sizes, partial,
+                                                    G_KIND=_KIND[dtype], BLOCK=BLOCK, **_options())
+                part = _sum_blocks(partial, first, len(idx), 1)[0]
+            if len(by_dtype) == 1:
+                return part
+            if out is None:
+                out = torch.empty(n, dtype=torch.float64, device=device)
+            out[torch.as_tensor(idx, device=device)] = part
+    return out
+
+
+def _on(device: torch.device):
+    """Launch on ``device`` (Triton launches on the current CUDA device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

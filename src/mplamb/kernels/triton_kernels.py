@@ -1,15 +1,27 @@
 """Triton kernels of the GPU backend (the launch logic is in :mod:`.triton_gpu`).
 
+Multi-tensor: one launch covers every tensor of a partition (tensors sharing dtypes).  A
+program handles one fixed-size block of one tensor; ``tid[pid]`` names the tensor and
+``first[t]`` its first block (the chunk table of :mod:`._plan`), so the block's offset is
+``(pid - first[t]) * BLOCK``.  Each tensor's data addresses and hyper-parameters come from a
+per-step table uploaded once (int64 view ``addr`` and float64 view ``num`` of one buffer):
+
+* ``addr[5 * t + c]``: the addresses of (decay source ``w``, grad, mean, var, out);
+* ``num[scal_at + 8 * t + c]``: (rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd),
+  float32 values held exactly (clip = -1: off);
+* ``num[bias_at + 4 * t + c]``: (bias1, bias2, 1/bias1, 1/bias2) (bias1 = 0: no correction),
+  so float64 values such as ``1 - beta1**t`` arrive exactly and a changing step count never
+  recompiles.
+
+Per-block float64 partial sums are reduced per tensor by :func:`sum_blocks_kernel`, each
+tensor's blocks in order: deterministic, no atomics.
+
 The reference's arithmetic, operation for operation, in float32: IEEE division and square
 root (``tl.div_rn``, ``tl.sqrt_rn``; Triton's ``/`` and ``tl.sqrt`` are approximate on
 NVIDIA GPUs), MXNet's float64 division for the bias-corrected mean, and the launcher turns
 FMA contraction off.  bfloat16 tensors arrive as int16 bit patterns and are widened and
 rounded (to nearest even) with integer arithmetic, which also works under
 ``TRITON_INTERPRET=1`` (numpy has no bfloat16), so these kernels are tested on CPU.
-
-Scalars are read from a float64 table on the device (so float64 values such as
-``1 - beta1**t`` arrive exactly and a changing step count never recompiles):
-row = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd, bias1, bias2, 1/bias1, 1/bias2).
 
 The bias corrections divide without a divider, bit for bit as the fused CPU backend does
 (see ``fused_cpu_kernels.divide_in_float64`` and ``divide_by_constant`` for the arguments):
@@ -21,8 +33,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NSCAL = 12
 F32, BF16, F16 = 0, 1, 2  # storage kinds
+ADDR_COLS, SCAL_COLS, BIAS_COLS = 5, 8, 4  # per-tensor table widths
+
+
+@triton.jit
+def _pointer(addr_ptr, KIND: tl.constexpr):
+    """The address stored at ``addr_ptr`` as a pointer to elements of storage ``KIND``."""
+    a = tl.load(addr_ptr)
+    if KIND == 1:
+        return a.to(tl.pointer_type(tl.int16))
+    elif KIND == 2:
+        return a.to(tl.pointer_type(tl.float16))
+    else:
+        return a.to(tl.pointer_type(tl.float32))
 
 
 @triton.jit
@@ -62,35 +86,42 @@ def divide_by_constant(x, inv):
 
 
 @triton.jit
-def _direction(m, v, w, eps, wd, bias1, inv1, inv2, BIAS: tl.constexpr):
-    if BIAS:
-        m = divide_in_float64(m, bias1, inv1)
-        v = divide_by_constant(v, inv2)
+def _block(pid, tid_ptr, first_ptr, size_ptr, BLOCK: tl.constexpr):
+    """(tensor, offsets, mask) of program ``pid``."""
+    t = tl.load(tid_ptr + pid)
+    start = (pid - tl.load(first_ptr + t)).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    return t, offs, offs < tl.load(size_ptr + t)
+
+
+@triton.jit
+def _direction(m, v, w, num_ptr, scal_at, bias_at, t):
+    """``mean_hat / (sqrt(var_hat) + eps) + wd * w`` of a block (bias1 = 0: no bias correction)."""
+    eps = tl.load(num_ptr + scal_at + 8 * t + 6).to(tl.float32)
+    wd = tl.load(num_ptr + scal_at + 8 * t + 7).to(tl.float32)
+    bias1 = tl.load(num_ptr + bias_at + 4 * t)
+    if bias1 != 0.0:
+        m = divide_in_float64(m, bias1, tl.load(num_ptr + bias_at + 4 * t + 2))
+        v = divide_by_constant(v, tl.load(num_ptr + bias_at + 4 * t + 3))
     return tl.div_rn(m, tl.sqrt_rn(v) + eps) + w * wd
 
 
 @triton.jit
-def _direction_scalars(scal_ptr):
-    """(eps, wd, bias1, 1/bias1, 1/bias2) of a scalar-table row (the last three float64)."""
-    return (tl.load(scal_ptr + 6).to(tl.float32), tl.load(scal_ptr + 7).to(tl.float32), tl.load(scal_ptr + 8),
-            tl.load(scal_ptr + 10), tl.load(scal_ptr + 11))
-
-
-@triton.jit
-def _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND: tl.constexpr,
-             HAS_CLIP: tl.constexpr, RESCALE_FROM_PTR: tl.constexpr):
+def _moments(g_ptr, m_ptr, v_ptr, num_ptr, scal_at, t, rescale_ptr, offs, mask, G_KIND: tl.constexpr,
+             RESCALE_FROM_PTR: tl.constexpr):
     """The new (mean, var) of a block from its raw gradient."""
+    row = num_ptr + scal_at + 8 * t
     if RESCALE_FROM_PTR:
         rescale = tl.load(rescale_ptr).to(tl.float32)
     else:
-        rescale = tl.load(scal_ptr + 0).to(tl.float32)
-    clip = tl.load(scal_ptr + 1).to(tl.float32)
-    b1 = tl.load(scal_ptr + 2).to(tl.float32)
-    b2 = tl.load(scal_ptr + 3).to(tl.float32)
-    omb1 = tl.load(scal_ptr + 4).to(tl.float32)
-    omb2 = tl.load(scal_ptr + 5).to(tl.float32)
+        rescale = tl.load(row).to(tl.float32)
+    clip = tl.load(row + 1).to(tl.float32)
+    b1 = tl.load(row + 2).to(tl.float32)
+    b2 = tl.load(row + 3).to(tl.float32)
+    omb1 = tl.load(row + 4).to(tl.float32)
+    omb2 = tl.load(row + 5).to(tl.float32)
     s = _load(g_ptr, offs, mask, G_KIND) * rescale
-    if HAS_CLIP:
+    if clip > 0:
         s = tl.where(s > clip, clip, s)
         s = tl.where(s < -clip, -clip, s)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0) * b1 + s * omb1
@@ -99,15 +130,17 @@ def _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND: tl.
 
 
 @triton.jit
-def phase1_kernel(w_ptr, g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, partial_ptr, n,
-                  W_KIND: tl.constexpr, G_KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BIAS: tl.constexpr,
-                  RESCALE_FROM_PTR: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+def phase1_kernel(addr_ptr, num_ptr, scal_at, bias_at, tid_ptr, first_ptr, size_ptr, rescale_ptr, partial_ptr,
+                  W_KIND: tl.constexpr, G_KIND: tl.constexpr, RESCALE_FROM_PTR: tl.constexpr,
+                  WRITE: tl.constexpr, BLOCK: tl.constexpr):
     """Per block: new moments (stored when WRITE), partial sums of w**2, g**2 and (not WRITE) grad**2."""
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    eps, wd, bias1, inv1, inv2 = _direction_scalars(scal_ptr)
-    m, v = _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND, HAS_CLIP, RESCALE_FROM_PTR)
+    t, offs, mask = _block(pid, tid_ptr, first_ptr, size_ptr, BLOCK)
+    w_ptr = _pointer(addr_ptr + 5 * t, W_KIND)
+    g_ptr = _pointer(addr_ptr + 5 * t + 1, G_KIND)
+    m_ptr = _pointer(addr_ptr + 5 * t + 2, 0)
+    v_ptr = _pointer(addr_ptr + 5 * t + 3, 0)
+    m, v = _moments(g_ptr, m_ptr, v_ptr, num_ptr, scal_at, t, rescale_ptr, offs, mask, G_KIND, RESCALE_FROM_PTR)
     if WRITE:
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
@@ -116,34 +149,62 @@ def phase1_kernel(w_ptr, g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, partial_ptr
         raw = tl.where(mask, _load(g_ptr, offs, mask, G_KIND), 0.0).to(tl.float64)
         tl.store(partial_ptr + 3 * pid + 2, tl.sum(raw * raw, axis=0))
     w = _load(w_ptr, offs, mask, W_KIND)
-    d = tl.where(mask, _direction(m, v, w, eps, wd, bias1, inv1, inv2, BIAS), 0.0).to(tl.float64)
+    d = tl.where(mask, _direction(m, v, w, num_ptr, scal_at, bias_at, t), 0.0).to(tl.float64)
     w64 = tl.where(mask, w, 0.0).to(tl.float64)
     tl.store(partial_ptr + 3 * pid, tl.sum(w64 * w64, axis=0))
     tl.store(partial_ptr + 3 * pid + 1, tl.sum(d * d, axis=0))
 
 
 @triton.jit
-def phase2_kernel(w_ptr, g_ptr, m_ptr, v_ptr, out_ptr, scal_ptr, rescale_ptr, steps_ptr, n,
+def phase2_kernel(addr_ptr, num_ptr, scal_at, bias_at, tid_ptr, first_ptr, size_ptr, rescale_ptr, steps_ptr,
                   W_KIND: tl.constexpr, G_KIND: tl.constexpr, O_KIND: tl.constexpr, WRITE_W: tl.constexpr,
-                  BIAS: tl.constexpr, HAS_CLIP: tl.constexpr, RESCALE_FROM_PTR: tl.constexpr,
-                  RECOMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    """Per block: ``w - step * g``, from the stored moments, or (RECOMPUTE) from moments recomputed
-    from the gradient and stored."""
+                  RESCALE_FROM_PTR: tl.constexpr, RECOMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    """Per block: ``out = w - step * g`` (and ``w`` too when WRITE_W: a master), from the stored
+    moments, or (RECOMPUTE) from moments recomputed from the gradient and stored."""
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    eps, wd, bias1, inv1, inv2 = _direction_scalars(scal_ptr)
-    step = tl.load(steps_ptr).to(tl.float32)
+    t, offs, mask = _block(pid, tid_ptr, first_ptr, size_ptr, BLOCK)
+    w_ptr = _pointer(addr_ptr + 5 * t, W_KIND)
+    m_ptr = _pointer(addr_ptr + 5 * t + 2, 0)
+    v_ptr = _pointer(addr_ptr + 5 * t + 3, 0)
+    out_ptr = _pointer(addr_ptr + 5 * t + 4, O_KIND)
+    step = tl.load(steps_ptr + t).to(tl.float32)
     w = _load(w_ptr, offs, mask, W_KIND)
     if RECOMPUTE:
-        m, v = _moments(g_ptr, m_ptr, v_ptr, scal_ptr, rescale_ptr, offs, mask, G_KIND, HAS_CLIP,
-                           RESCALE_FROM_PTR)
+        g_ptr = _pointer(addr_ptr + 5 * t + 1, G_KIND)
+        m, v = _moments(g_ptr, m_ptr, v_ptr, num_ptr, scal_at, t, rescale_ptr, offs, mask, G_KIND,
+                        RESCALE_FROM_PTR)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
     else:
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=1.0)
-    new = w - step * _direction(m, v, w, eps, wd, bias1, inv1, inv2, BIAS)
+    new = w - step * _direction(m, v, w, num_ptr, scal_at, bias_at, t)
     if WRITE_W:
         _store(w_ptr, offs, mask, new, W_KIND)
     _store(out_ptr, offs, mask, new, O_KIND)
+
+
+@triton.jit
+def grad_sumsq_kernel(addr_ptr, tid_ptr, first_ptr, size_ptr, partial_ptr, G_KIND: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Per block: the float64 sum of squares of a raw gradient (``addr[t]``: its address)."""
+    pid = tl.program_id(0)
+    t, offs, mask = _block(pid, tid_ptr, first_ptr, size_ptr, BLOCK)
+    g = _load(_pointer(addr_ptr + t, G_KIND), offs, mask, G_KIND).to(tl.float64)
+    tl.store(partial_ptr + pid, tl.sum(g * g, axis=0))
+
+
+@triton.jit
+def sum_blocks_kernel(partial_ptr, first_ptr, out_ptr, n, COLS: tl.constexpr, ROWS: tl.constexpr,
+                      RBLOCK: tl.constexpr):
+    """``out[r, t]`` = sum of column ``r`` of tensor ``t``'s block partials (``partial`` is
+    ``(blocks, COLS)``; rows ``r < ROWS``), always in the same order: deterministic."""
+    t = tl.program_id(0)
+    lo = tl.load(first_ptr + t)
+    hi = tl.load(first_ptr + t + 1)
+    for r in tl.static_range(ROWS):
+        acc = tl.zeros([RBLOCK], dtype=tl.float64)
+        for b in range(lo, hi, RBLOCK):
+            idx = b + tl.arange(0, RBLOCK)
+            acc += tl.load(partial_ptr + idx * COLS + r, mask=idx < hi, other=0.0)
+        tl.store(out_ptr + r * n + t, tl.sum(acc, axis=0))
