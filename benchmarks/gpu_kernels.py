@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="bert-large", choices=sorted(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--configs", default="1024x4,2048x4,2048x8,4096x8", help="BLOCKxNUM_WARPS,...")
+    parser.add_argument("--configs", default="512x2,512x4,1024x2,1024x4,1024x8,2048x4", help="BLOCKxNUM_WARPS,...")
     parser.add_argument("--out", default="gpu_kernels.json")
     parser.add_argument("--max-tensors", type=int, default=None, help="only the first N tensors (smoke tests)")
     args = parser.parse_args()

@@ -10,7 +10,7 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTH
 PY=${PYTHON:-python3}
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/kernels.log"
-timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=5 tests/test_cuda.py 2>&1 | tail -40 | tee "$OUT/tests.log"
+timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=5 tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
 timeout 150 $PY benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" 2>&1 | tee -a "$OUT/kernels.log"
 timeout 240 $PY -m mplamb bench --device cuda --workloads bert-large --repeats 20 --out "$OUT/bench" 2>&1 \
   | tail -30 | tee "$OUT/bench.log"

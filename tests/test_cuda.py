@@ -43,15 +43,18 @@ def to_device(batch: LambBatch, device: str = "cuda") -> LambBatch:
 
 
 def compare(ref_batch, ref, gpu_batch, gpu):
-    exact_norms = torch.equal(gpu.step_sizes.cpu(), ref.step_sizes)
+    """Float64 tensors go to the reference backend, i.e. torch's CUDA kernels, which may contract
+    into FMAs: those are compared within RTOL, not bit for bit."""
+    steps = gpu.step_sizes.cpu()
+    exact_norms = bool(((steps == ref.step_sizes) | (steps.isnan() & ref.step_sizes.isnan())).all())
     for k, ((a, moment), (b, _)) in enumerate(zip(tensors(ref_batch), tensors(gpu_batch))):
         b = b.cpu()
-        if moment or exact_norms:
+        if (moment or exact_norms) and a.dtype != torch.float64:
             assert_same(b.contiguous(), a.contiguous(), f"tensor {k}")
         else:
-            scale = float(a.double().abs().max()) if a.numel() else 0.0
+            scale = float(a.double().nan_to_num(0.0, 0.0, 0.0).abs().max()) if a.numel() else 0.0
             torch.testing.assert_close(b, a, rtol=RTOL[a.dtype], atol=RTOL[a.dtype] * scale, equal_nan=True)
-    torch.testing.assert_close(gpu.sumsq.cpu(), ref.sumsq, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gpu.sumsq.cpu(), ref.sumsq, rtol=1e-12, atol=0, equal_nan=True)
     torch.testing.assert_close(gpu.step_sizes.cpu(), ref.step_sizes, rtol=1e-6, atol=0, equal_nan=True)
     return exact_norms
 
@@ -131,7 +134,7 @@ def test_lamb_on_gpu_matches_lamb_on_cpu(dtype):
     grads[2][1][0] = float("nan")  # one skipped step
     results = []
     for device, backend in (("cpu", "reference"), ("cuda", "triton")):
-        ps = [torch.nn.Parameter(x.to(device=device, dtype=dtype)) for x in init]
+        ps = [torch.nn.Parameter(x.to(device=device, dtype=dtype, copy=True)) for x in init]
         opt = mplamb.Lamb(ps, lr=0.01, weight_decay=0.01, max_grad_norm=1.0, backend=backend)
         for step in grads:
             for p, gr in zip(ps, step):

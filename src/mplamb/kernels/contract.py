@@ -91,6 +91,17 @@ class LambBatch:
         m = self.masters[i]
         return self.weights[i] if m is None else m
 
+    def select(self, idx: List[int]) -> "LambBatch":
+        """The batch of tensors ``idx`` only (same scalars, bounds and rescale; no memo)."""
+        def pick(xs):
+            return None if xs is None else [xs[i] for i in idx]
+
+        return LambBatch(weights=pick(self.weights), grads=pick(self.grads), means=pick(self.means),
+                         vars=pick(self.vars), masters=pick(self.masters), outs=pick(self.outs),
+                         scalars=pick(self.scalars), lrs=pick(list(self.lrs)), adapt=pick(self.adapt),
+                         lower_bound=self.lower_bound, upper_bound=self.upper_bound,
+                         max_trust_ratio=self.max_trust_ratio, rescale=self.rescale, uniform=self.uniform)
+
     def compute_dtypes(self) -> List[torch.dtype]:
         """Per-tensor arithmetic dtype: float64 for float64 decay sources, float32 otherwise."""
         f64 = torch.float64

@@ -9,7 +9,7 @@ pass (:func:`grad_sum_of_squares`) is likewise one kernel plus one reduction.
 Per step the host builds one small table (addresses and hyper-parameter rows of every
 tensor) and uploads it once from pinned memory; the block table is cached per set of tensor
 sizes.  No host synchronisation: partial sums are reduced on the device and step sizes are
-read by the kernels from device memory.  float32 compute only: float64 tensors and
+read by the kernels from device memory.  float32 compute only: partitions of float64 tensors and of
 half-precision moments are delegated to the reference backend.  Runs on CUDA; on CPU only
 under ``TRITON_INTERPRET=1`` (the tests).
 """
@@ -38,8 +38,8 @@ except ImportError:  # triton is optional (extra "gpu")
 
 __all__ = ["AVAILABLE", "supports_device", "phase1_batch", "phase2_batch", "lamb_step", "grad_sum_of_squares"]
 
-BLOCK = 2048  # elements per program
-NUM_WARPS = 8
+BLOCK = 1024  # elements per program (H200 sweep: benchmarks/gpu_kernels.py)
+NUM_WARPS = 4
 RBLOCK = 256  # blocks summed at once by the per-tensor reduction
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -59,12 +59,10 @@ def _options() -> dict:
     return {} if _interpreted() else {"enable_fp_fusion": False, "num_warps": NUM_WARPS}
 
 
-def _delegate(batch: LambBatch) -> bool:
-    if batch.uniform:
-        src = batch.decay_source(0)
-        return src.dtype == torch.float64 or batch.means[0].dtype != torch.float32
-    return any(d == torch.float64 for d in batch.compute_dtypes()) or any(
-        m.dtype != torch.float32 for m in batch.means)
+def _delegated(part: tuple) -> bool:
+    """float64 arithmetic and half-precision moments: partitions the reference backend steps."""
+    src_dtype, _, m_dtype, _, _ = part
+    return src_dtype == torch.float64 or m_dtype != torch.float32
 
 
 @functools.lru_cache(maxsize=64)
@@ -116,10 +114,7 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
     n = len(batch.weights)
     rows = 3 if dry else 2
     if n == 0:
-        return Phase1Result(torch.zeros(rows, 0, dtype=torch.float64), None, dry=dry)
-    if _delegate(batch):
-        p1 = reference.phase1_batch(batch, dry=dry)
-        return Phase1Result(p1.sumsq, ("reference", p1), dry=dry)
+        return Phase1Result(torch.zeros(rows, 0, dtype=torch.float64), [], dry=dry)
     device = _device_of(batch)
     stage = Staging()
     noted = batch.memo.pop("grad_addresses", None) if batch.memo is not None else None  # this step's, or stale
@@ -127,47 +122,66 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
     launches, parts = [], partition(batch)
     sumsq = None
     with _on(device):
-        for (src_dtype, g_dtype, m_dtype, has_master, o_dtype), idx in parts.items():
-            part = (src_dtype, g_dtype, m_dtype, has_master, o_dtype)
-            w, g, m, v, o, sz = batch_addresses(batch, part, idx, stage, noted)
-            scal, bias = scalar_tables(batch, idx, np.float64, None)
-            k = len(idx)
-            host = np.empty(17 * k, dtype=np.int64)
-            host[:5 * k].reshape(k, 5)[:] = np.stack([w, g, m, v, o], axis=1)
-            host[5 * k:].view(np.float64)[:] = np.concatenate([scal.ravel(), bias.ravel()])
-            launch = _Launch(idx, (_KIND[src_dtype], _KIND[g_dtype], _KIND[o_dtype], has_master),
-                             _upload(host, device), k, _device_blocks(sz.tobytes(), device, BLOCK))
-            partial = torch.empty(max(launch.nblocks, 1), 3, dtype=torch.float64, device=device)
-            if launch.nblocks:
-                K.phase1_kernel[(launch.nblocks,)](
-                    *launch.args(), launch.table if rescale is None else rescale, partial,
-                    W_KIND=launch.kinds[0], G_KIND=launch.kinds[1], RESCALE_FROM_PTR=rescale is not None,
-                    WRITE=not dry, BLOCK=BLOCK, **_options())
-            part_sumsq = _sum_blocks(partial, launch.first, k, rows)
+        for part, idx in parts.items():
+            if _delegated(part):
+                sub = batch if len(parts) == 1 else batch.select(idx)
+                launch = _Delegated(idx, sub, reference.phase1_batch(sub, dry=dry))
+                part_sumsq = launch.p1.sumsq
+            else:
+                launch = _launch(batch, part, idx, stage, noted, device)
+                partial = torch.empty(max(launch.nblocks, 1), 3, dtype=torch.float64, device=device)
+                if launch.nblocks:
+                    K.phase1_kernel[(launch.nblocks,)](
+                        *launch.args(), launch.table if rescale is None else rescale, partial,
+                        W_KIND=launch.kinds[0], G_KIND=launch.kinds[1], RESCALE_FROM_PTR=rescale is not None,
+                        WRITE=not dry, BLOCK=BLOCK, **_options())
+                part_sumsq = _sum_blocks(partial, launch.first, len(idx), rows)
             if len(parts) == 1:
                 sumsq = part_sumsq
             else:
                 if sumsq is None:
                     sumsq = torch.empty(rows, n, dtype=torch.float64, device=device)
-                sumsq[:, idx] = part_sumsq
+                sumsq[:, torch.as_tensor(idx, device=device)] = part_sumsq
             launches.append(launch)
     return Phase1Result(sumsq=sumsq, carry=(launches, stage, rescale), dry=dry)
 
 
+def _launch(batch: LambBatch, part: tuple, idx: List[int], stage: Staging, noted: Optional[tuple],
+            device: torch.device) -> "_Launch":
+    """The device tables of one partition: addresses and scalar rows uploaded at once, cached blocks."""
+    src_dtype, g_dtype, _, has_master, o_dtype = part
+    w, g, m, v, o, sz = batch_addresses(batch, part, idx, stage, noted)
+    scal, bias = scalar_tables(batch, idx, np.float64, None)
+    k = len(idx)
+    host = np.empty(17 * k, dtype=np.int64)
+    host[:5 * k].reshape(k, 5)[:] = np.stack([w, g, m, v, o], axis=1)
+    host[5 * k:].view(np.float64)[:] = np.concatenate([scal.ravel(), bias.ravel()])
+    return _Launch(idx, (_KIND[src_dtype], _KIND[g_dtype], _KIND[o_dtype], has_master), _upload(host, device), k,
+                   _device_blocks(sz.tobytes(), device, BLOCK))
+
+
+class _Delegated:
+    """A partition stepped by the reference backend: its sub-batch and phase-1 result."""
+
+    def __init__(self, idx: List[int], sub: LambBatch, p1: Phase1Result) -> None:
+        self.idx, self.sub, self.p1 = idx, sub, p1
+
+
 def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
     """Phase 2 of every tensor (one launch per partition), then staged tensors copied back."""
-    if p1.carry is None:
+    if not p1.carry:
         return None
-    if isinstance(p1.carry, tuple) and p1.carry[0] == "reference":
-        return reference.phase2_batch(batch, p1.carry[1], steps)
     launches, stage, rescale = p1.carry
     device = _device_of(batch)
     steps = steps.to(device)
     with _on(device):
         for launch in launches:
+            part_steps = steps if len(launch.idx) == len(steps) else steps[torch.as_tensor(launch.idx, device=device)]
+            if isinstance(launch, _Delegated):
+                reference.phase2_batch(launch.sub, launch.p1, part_steps)
+                continue
             if not launch.nblocks:
                 continue
-            part_steps = steps if len(launch.idx) == len(steps) else steps[torch.as_tensor(launch.idx, device=device)]
             w_kind, g_kind, o_kind, has_master = launch.kinds
             K.phase2_kernel[(launch.nblocks,)](
                 *launch.args(), launch.table if rescale is None else rescale, part_steps,
