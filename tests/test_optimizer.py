@@ -530,3 +530,20 @@ def test_steps_after_a_skipped_step_match_a_run_without_it(backend, set_to_none)
     for st_a, st_b in zip(opt_a.state.values(), opt_b.state.values()):
         for k, v in st_a.items():
             assert torch.equal(v, st_b[k]) if isinstance(v, torch.Tensor) else v == st_b[k]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_first_step_creates_no_state(backend):
+    """Whichever flow the backend takes (the plain one, or the dry one of PREFERS_DRY_STEP backends,
+    which creates state before it knows of the skip and removes it again), a skipped first step
+    leaves no state, no step count and the weights untouched."""
+    model, x, y = _tiny_problem(torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = mplamb.Lamb(model.parameters(), lr=0.02, weight_decay=0.01, backend=backend)
+    torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+    next(model.parameters()).grad.view(-1)[0] = float("inf")
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert not any(opt.state[p] for p in model.parameters())
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
