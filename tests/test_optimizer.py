@@ -534,9 +534,7 @@ def test_steps_after_a_skipped_step_match_a_run_without_it(backend, set_to_none)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_skipped_first_step_creates_no_state(backend):
-    """Whichever flow the backend takes (the plain one, or the dry one of PREFERS_DRY_STEP backends,
-    which creates state before it knows of the skip and removes it again), a skipped first step
-    leaves no state, no step count and the weights untouched."""
+    """A skipped first step leaves no state, no step count and the weights untouched."""
     model, x, y = _tiny_problem(torch.bfloat16)
     before = [p.detach().clone() for p in model.parameters()]
     opt = mplamb.Lamb(model.parameters(), lr=0.02, weight_decay=0.01, backend=backend)

@@ -306,10 +306,7 @@ class Lamb(Optimizer):
         holds while the gradient norm is within the limit; a step that does clip costs two (the
         clip factor scales the gradient before the moments, so the update norms computed with
         factor 1 are redone with it).  ZeRO's ``partition_group`` costs two: the gradient norm
-        and the skip over the partition group first, then phase 1.  Backends whose dry phase 1 costs
-        no more than a plain one (``PREFERS_DRY_STEP``: the Triton backend, where the recomputation in
-        phase 2 is free arithmetic) take the dry flow on one process too: two passes over memory and
-        no separate gradient pass.
+        and the skip over the partition group first, then phase 1.
         """
         loss = None
         if closure is not None:
@@ -323,8 +320,7 @@ class Lamb(Optimizer):
         bad = torch.zeros((), dtype=torch.float64, device=anchor)
         if found_inf is not None:
             bad = bad + (found_inf.to(anchor) > 0).to(torch.float64)
-        if self.partition_group is None and (any(w.group_pg is not None for w in works)
-                                             or all(getattr(w.backend, "PREFERS_DRY_STEP", False) for w in works)):
+        if self.partition_group is None and any(w.group_pg is not None for w in works):
             self._step_dry(works, inv_scale, bad, anchor)
         else:
             self._step_plain(works, inv_scale, bad, anchor)

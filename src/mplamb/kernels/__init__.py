@@ -9,9 +9,8 @@ A backend is a module with
 * ``grad_sum_of_squares(grads, memo=None) -> Tensor``: per-tensor float64 sums of squares of the
   raw gradients (the global-norm clipping and non-finite check read them; ``memo``: the batch
   memo, where a backend may leave what phase 1 of the same step can reuse);
-* optionally ``supports_device(device) -> bool``, ``AVAILABLE`` (False when an optional
-  dependency such as numba or Triton is missing) and ``PREFERS_DRY_STEP`` (True: the optimizer
-  steps through a dry phase 1 on one process too, with no separate gradient pass).
+* optionally ``supports_device(device) -> bool`` and ``AVAILABLE`` (False when an optional
+  dependency such as numba or Triton is missing).
 
 ``reference`` is plain per-tensor PyTorch and the source of truth; every other backend
 is tested against it.  :func:`get_backend` resolves a name (or ``"auto"``) for a device.

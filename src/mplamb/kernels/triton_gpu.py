@@ -36,13 +36,7 @@ try:
 except ImportError:  # triton is optional (extra "gpu")
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "PREFERS_DRY_STEP", "supports_device", "phase1_batch", "phase2_batch", "lamb_step",
-           "grad_sum_of_squares"]
-
-# The optimizer's dry flow (phase 1 writes nothing and sums the gradients' squares too; phase 2
-# recomputes the moments) moves the bytes of the gradient pass into phase 2: the same 44 B/param
-# (fp32) in two passes instead of three, and the recomputation is free arithmetic on a GPU.
-PREFERS_DRY_STEP = True
+__all__ = ["AVAILABLE", "supports_device", "phase1_batch", "phase2_batch", "lamb_step", "grad_sum_of_squares"]
 
 BLOCK = 1024  # elements per program (H200 sweep: benchmarks/gpu_kernels.py)
 NUM_WARPS = 4
