@@ -131,6 +131,7 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 # The roof an optimizer step is measured against: on the CPU an in-place read-modify-write pass
 # (an optimizer's access pattern), on a GPU a device-to-device copy (the yardstick).
 ROOF = {"cpu": "inplace", "cuda": "copy"}
+ROOF_LABEL = {"inplace": "in-place", "copy": "copy", "triad": "triad"}
 
 
 def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: bool = True,
@@ -202,5 +203,5 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
             d["fraction_of_roof"] = d["gb_per_s"] * 1e9 / roof_bw
         out_rows.append(d)
     return {"machine": machine(dev), "device": dev.type, "repeats": repeats,
-            "roof": roof_rows[ROOF[dev.type]].name, "roof_gb_per_s": roof_bw / 1e9,
+            "roof": ROOF_LABEL[ROOF[dev.type]], "roof_gb_per_s": roof_bw / 1e9,
             **{f"{name}_gb_per_s": bw / 1e9 for name, bw in bandwidth.items()}, "rows": out_rows}
