@@ -545,3 +545,40 @@ def test_a_skipped_first_step_creates_no_state(backend):
     assert not any(opt.state[p] for p in model.parameters())
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interleaved_dtypes_in_one_group_step_as_if_alone(backend):
+    """Parameters of several dtypes interleaved in one group are grouped by dtype (the collector's
+    fast path only joins a parameter to the previous one's work when both match): each ends
+    exactly where it would stepping alone."""
+    torch.manual_seed(3)
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float64, torch.bfloat16, torch.float32]
+    init = [torch.randn(7 + k, 3) for k in range(len(dtypes))]
+    grads = [[torch.randn(7 + k, 3) for k in range(len(dtypes))] for _ in range(3)]
+
+    def run(indices):
+        ps = [torch.nn.Parameter(init[k].to(dtypes[k], copy=True)) for k in indices]
+        opt = mplamb.Lamb(ps, lr=0.05, weight_decay=0.01, backend=backend)
+        for step in grads:
+            for p, k in zip(ps, indices):
+                p.grad = step[k].to(dtypes[k])
+            opt.step()
+        return ps
+
+    together = run(list(range(len(dtypes))))
+    for k in range(len(dtypes)):
+        (alone,) = run([k])
+        assert together[k].dtype == dtypes[k] and torch.equal(together[k], alone), k
+
+
+def test_a_gradient_of_the_wrong_shape_mid_group_is_rejected_before_any_update():
+    ps = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    opt = mplamb.Lamb(ps, lr=0.1)
+    for p in ps:
+        p.grad = torch.randn(4)
+    ps[2].data = torch.randn(5)  # the parameter changed shape; its old gradient no longer fits
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match="shape"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before)) and len(opt.state) == 0

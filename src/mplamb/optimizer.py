@@ -85,6 +85,13 @@ class _Work:
     grads: List[torch.Tensor] = None  # type: ignore[assignment]  # this step's gradients (local shards), one list
 
 
+def _same_device_index(p: torch.Tensor, grad: torch.Tensor, index: int) -> bool:
+    """``p`` and ``grad`` both on the CPU (``index`` -1), or both on CUDA device ``index``."""
+    if index == -1:
+        return p.is_cpu and grad.is_cpu
+    return p.is_cuda and grad.is_cuda and p.get_device() == index and grad.get_device() == index
+
+
 class Lamb(Optimizer):
     r"""LAMB (You et al., 2019) with fp32 master weights, loss scaling and MXNet-exact math.
 
@@ -220,21 +227,33 @@ class Lamb(Optimizer):
     # ------------------------------------------------------------------ step
 
     def _collect(self) -> List[_Work]:
-        """Validate every gradient and group the parameters that step together.  Mutates nothing."""
+        """Validate every gradient and group the parameters that step together.  Mutates nothing.
+
+        A parameter with the dtypes, class and device of the one before it joins that one's work
+        without the full lookup (the usual case: one work per group); its gradient is validated
+        all the same.
+        """
         works: Dict[tuple, _Work] = {}
         strided = torch.strided
         for gi, group in enumerate(self.param_groups):
             no_master = group["master_weights"] is False
+            work = None  # the previous parameter's work, and what it was keyed on:
+            last_dtype = last_gdtype = last_type = last_index = None  # (dtype, grad dtype, class, CPU/CUDA index)
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
                     continue
-                device = p.device
-                gdtype = grad.dtype
-                if (grad.shape != p.shape or grad.layout is not strided or grad.device != device
-                        or not gdtype.is_floating_point):
+                if grad.layout is not strided or grad.shape != p.shape:
                     self._reject_grad(p, grad)
-                dtype = p.dtype
+                dtype, gdtype = p.dtype, grad.dtype
+                if (work is not None and dtype is last_dtype and gdtype is last_gdtype and type(p) is last_type
+                        and _same_device_index(p, grad, last_index)):
+                    work.params.append(p)
+                    work.grads.append(grad)
+                    continue
+                device = p.device
+                if grad.device != device or not gdtype.is_floating_point:
+                    self._reject_grad(p, grad)
                 sharded = isinstance(p, DTensor)
                 pg = shard_group(p, self.process_group) if sharded else self.process_group
                 key = (gi, device, dtype, gdtype, pg, sharded)
@@ -245,6 +264,10 @@ class Lamb(Optimizer):
                                               grads=[])
                 work.params.append(p)
                 work.grads.append(grad)
+                # the fast path above: plain tensors on the CPU or CUDA (a sharded one's group may differ)
+                fast = not sharded and device.type in ("cpu", "cuda")
+                last_dtype, last_gdtype, last_type = (dtype, gdtype, type(p)) if fast else (None, None, None)
+                last_index = -1 if device.type == "cpu" else device.index
         out = list(works.values())
         for w in out:
             w.backend = get_backend(w.group["backend"], w.params[0].device)
