@@ -38,7 +38,7 @@ class Chunks(NamedTuple):
 
 
 def sizes_of(tensors: Sequence[torch.Tensor]) -> np.ndarray:
-    return np.fromiter((t.numel() for t in tensors), dtype=np.int64, count=len(tensors))
+    return np.fromiter(map(torch.Tensor.numel, tensors), dtype=np.int64, count=len(tensors))
 
 
 def chunk_table(sizes: np.ndarray, chunk: int) -> Chunks:
@@ -78,6 +78,8 @@ def partition(batch: LambBatch) -> Dict[tuple, List[int]]:
 def addresses(tensors: Sequence[torch.Tensor], stage: Staging, written: Sequence[bool] = ()) -> np.ndarray:
     """Data addresses (int64), non-contiguous tensors staged first (``written[k]``, default True: tensor
     ``k`` is written by the step, so its stand-in is copied back)."""
+    if all(map(torch.Tensor.is_contiguous, tensors)):  # the usual case, without a Python loop
+        return np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=len(tensors))
     ptrs = []
     for k, t in enumerate(tensors):
         if not t.is_contiguous():
