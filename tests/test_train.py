@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mplamb import cli
+from mplamb.bench.isolated import own_process_peer_available
 from mplamb.demo.data import load_corpus
 from mplamb.train import CheckpointError, TrainConfig, train
 
@@ -150,3 +151,33 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, text_file, capsys):
     assert "checkpoint saved" in capsys.readouterr().err
     ckpt = torch.load(tmp_path / "checkpoint-lamb.pt", weights_only=True)
     assert 0 < ckpt["step"] < 100000
+
+
+def test_own_process_peer_reports_failures_and_timeouts_as_notes(monkeypatch):
+    import subprocess
+
+    from mplamb.bench import isolated
+
+    def failing(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 1, stdout="", stderr="Traceback ...\nImportError: no jaxlib")
+
+    notes = []
+    monkeypatch.setattr(isolated.subprocess, "run", failing)
+    assert isolated.run_optax([(3,)], 2, notes, "tiny") is None
+    assert notes == [f"tiny: {isolated.OPTAX} failed (exit 1: ImportError: no jaxlib)"]
+
+    def slow(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args, kwargs["timeout"])
+
+    monkeypatch.setattr(isolated.subprocess, "run", slow)
+    assert isolated.run_optax([(3,)], 2, notes, "tiny") is None
+    assert "ran past" in notes[-1]
+
+
+@pytest.mark.skipif(not own_process_peer_available(), reason="optax and jax not installed")
+def test_own_process_optax_peer_times_real_steps():
+    from mplamb.bench import isolated
+
+    notes = []
+    out = isolated.run_optax([(64, 3), (5,), (0,)], 3, notes, "tiny")
+    assert notes == [] and len(out["times"]) == 3 and all(t > 0 for t in out["times"]) and "optax" in out["versions"]

@@ -46,6 +46,8 @@ def table(result: dict) -> str:
                          f"(step time minus its bytes at the {result['roof']} roof, divided by the number of "
                          "tensors).")
         lines.append("")
+    for note in result.get("notes", []):
+        lines.append(f"Note: {note}.")
     return "\n".join(lines)
 
 

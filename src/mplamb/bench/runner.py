@@ -4,6 +4,7 @@ shared), medians and quartiles reported."""
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -16,6 +17,7 @@ import torch
 import mplamb
 from mplamb.kernels import available_backends
 
+from .isolated import OPTAX, own_process_peer_available, run_optax
 from .peers import LR, WD, peers
 from .roof import Roof
 from .workloads import WORKLOADS, numel
@@ -109,6 +111,11 @@ def machine(device: torch.device = torch.device("cpu")) -> Dict[str, object]:
             info[mod] = __import__(mod).__version__
         except Exception:
             pass
+    for dist in ("optax", "jax"):  # versions only: jax is never imported here (see .isolated)
+        try:
+            info[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return info
 
 
@@ -147,9 +154,15 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
     roof_rows = {"triad": Row("roof", "-", "STREAM triad", "float32", bytes_per_param=12),
                  "inplace": Row("roof", "-", "in-place pass", "float32", bytes_per_param=8),
                  "copy": Row("roof", "-", "copy", "float32", bytes_per_param=8)}
+    notes: List[str] = []
     for wl in workloads:
         shapes = WORKLOADS[wl]()
         n = numel(shapes)
+        isolated = None  # the own-process peer's row of this workload (fp32 params: shared by every setup)
+        if with_peers and dev.type == "cpu" and own_process_peer_available():
+            if progress:
+                progress(f"{wl}: {OPTAX} in its own process")
+            isolated = run_optax(shapes, repeats, notes, wl)
         for setup in setups:
             dtype = SETUPS[setup]
             gen = torch.Generator().manual_seed(1)
@@ -184,6 +197,10 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
                     row.times.append(_timed(getattr(roof, name), dev))
             for row, opt in cands:
                 row.peak_extra_mb = peak_extra_mb(opt.step, dev)
+            if isolated is not None:
+                cands.append((Row(wl, setup, OPTAX, "float32", times=list(isolated["times"]),
+                                  warmup_s=isolated["warmup_s"]), None))
+            for row, _ in cands:
                 rows.append(row)
                 row._n = n  # type: ignore[attr-defined]
                 row._tensors = len(shapes)  # type: ignore[attr-defined]
@@ -202,6 +219,6 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
             d["gb_per_s"] = row.bytes_per_param * n / row.median / 1e9
             d["fraction_of_roof"] = d["gb_per_s"] * 1e9 / roof_bw
         out_rows.append(d)
-    return {"machine": machine(dev), "device": dev.type, "repeats": repeats,
+    return {"machine": machine(dev), "device": dev.type, "repeats": repeats, "notes": notes,
             "roof": ROOF_LABEL[ROOF[dev.type]], "roof_gb_per_s": roof_bw / 1e9,
             **{f"{name}_gb_per_s": bw / 1e9 for name, bw in bandwidth.items()}, "rows": out_rows}
