@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mplamb import cli
-from mplamb.bench.isolated import own_process_peer_available
+from mplamb.bench.isolated import mxnet_python, own_process_peer_available
 from mplamb.demo.data import load_corpus
 from mplamb.train import CheckpointError, TrainConfig, train
 
@@ -181,3 +181,32 @@ def test_own_process_optax_peer_times_real_steps():
     notes = []
     out = isolated.run_optax([(64, 3), (5,), (0,)], 3, notes, "tiny")
     assert notes == [] and len(out["times"]) == 3 and all(t > 0 for t in out["times"]) and "optax" in out["versions"]
+
+
+def test_mxnet_interpreter_is_found_explicitly_by_environment_or_beside_the_checkout(tmp_path, monkeypatch):
+    from mplamb.bench import isolated
+
+    fake = tmp_path / "python"
+    fake.write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MPLAMB_MXNET_PYTHON", raising=False)
+    assert isolated.mxnet_python() is None
+    assert isolated.mxnet_python(str(fake)) == str(fake)
+    assert isolated.mxnet_python(str(tmp_path / "missing")) is None
+    monkeypatch.setenv("MPLAMB_MXNET_PYTHON", str(fake))
+    assert isolated.mxnet_python() == str(fake)
+    monkeypatch.delenv("MPLAMB_MXNET_PYTHON")
+    (tmp_path / ".venv-mxnet" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv-mxnet" / "bin" / "python").write_text("")
+    assert isolated.mxnet_python() == str(pathlib.Path(".venv-mxnet") / "bin" / "python")
+
+
+@pytest.mark.skipif(mxnet_python() is None,
+                    reason="no interpreter with MXNet (scripts/setup_mxnet.sh)")
+@pytest.mark.parametrize("mp", [False, True])
+def test_own_process_mxnet_peer_times_real_steps(mp):
+    from mplamb.bench import isolated
+
+    notes = []
+    out = isolated.run_mxnet(isolated.mxnet_python(), [(64, 3), (5,), (1000,)], 2, mp, notes, "tiny")
+    assert notes == [] and len(out["times"]) == 2 and out["versions"]["mxnet"].startswith("1.9")

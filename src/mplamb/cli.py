@@ -40,7 +40,7 @@ def _bench(args: argparse.Namespace) -> int:
             bar.set_description_str(msg)
 
     result = bench.run(workloads, setups, repeats=args.repeats, with_peers=not args.no_peers, backends=backends,
-                       progress=progress, device=args.device)
+                       progress=progress, device=args.device, mxnet=args.mxnet_python)
     if bar is not None:
         bar.close()
     out = pathlib.Path(args.out)
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated: fp32 params, or bf16 params with fp32 master weights (peers stay fp32)")
     bench.add_argument("--repeats", type=int, default=7, help="timed steps per optimizer (round-robin)")
     bench.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU: Triton backend, copy roof)")
+    bench.add_argument("--mxnet-python", default=None, metavar="PYTHON",
+                       help="an interpreter with MXNet 1.9 to time its LAMB in its own process (default: "
+                            "$MPLAMB_MXNET_PYTHON, else .venv-mxnet/bin/python if it exists; scripts/setup_mxnet.sh)")
     bench.add_argument("--backends", default="", help="mplamb backends to time (default: all available)")
     bench.add_argument("--no-peers", action="store_true", help="time only mplamb's backends and the roof")
     bench.add_argument("--out", default="mplamb-report-bench", help="folder for bench.md/json/png")

@@ -1,4 +1,5 @@
-"""The optax peer, run in a process of its own (``python -m mplamb.bench.optax_child``).
+"""The optax peer, run as a script in a process of its own (by :mod:`.isolated`; it imports neither
+torch nor mplamb).
 
 Reads ``{"shapes": [...], "repeats": n, "lr": .., "wd": ..}`` as JSON on stdin and prints
 ``{"times": [...], "warmup_s": .., "versions": {...}}``: seconds per ``optax.lamb`` step on

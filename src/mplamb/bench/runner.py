@@ -17,7 +17,7 @@ import torch
 import mplamb
 from mplamb.kernels import available_backends
 
-from .isolated import OPTAX, own_process_peer_available, run_optax
+from .isolated import MXNET, OPTAX, mxnet_python, own_process_peer_available, run_mxnet, run_optax
 from .peers import LR, WD, peers
 from .roof import Roof
 from .workloads import WORKLOADS, numel
@@ -143,8 +143,11 @@ ROOF_LABEL = {"inplace": "in-place", "copy": "copy", "triad": "triad"}
 
 def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: bool = True,
         backends: Optional[List[str]] = None, progress: Optional[Callable[[str], None]] = None,
-        roof_elements: Optional[int] = None, device: str = "cpu") -> dict:
-    """Benchmark every candidate on every (workload, setup) on ``device``; returns a JSON-ready dict."""
+        roof_elements: Optional[int] = None, device: str = "cpu", mxnet: Optional[str] = None) -> dict:
+    """Benchmark every candidate on every (workload, setup) on ``device``; returns a JSON-ready dict.
+
+    With peers on the CPU, optax (if installed) and MXNet (if ``mxnet`` or :func:`.isolated.mxnet_python`
+    finds an interpreter with it) are timed in processes of their own."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -155,6 +158,8 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
                  "inplace": Row("roof", "-", "in-place pass", "float32", bytes_per_param=8),
                  "copy": Row("roof", "-", "copy", "float32", bytes_per_param=8)}
     notes: List[str] = []
+    own_versions: Dict[str, str] = {}  # what the own-process peers reported
+    mx_python = mxnet_python(mxnet) if with_peers and dev.type == "cpu" else None
     for wl in workloads:
         shapes = WORKLOADS[wl]()
         n = numel(shapes)
@@ -163,6 +168,7 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
             if progress:
                 progress(f"{wl}: {OPTAX} in its own process")
             isolated = run_optax(shapes, repeats, notes, wl)
+            own_versions.update(isolated["versions"] if isolated else {})
         for setup in setups:
             dtype = SETUPS[setup]
             gen = torch.Generator().manual_seed(1)
@@ -200,6 +206,14 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
             if isolated is not None:
                 cands.append((Row(wl, setup, OPTAX, "float32", times=list(isolated["times"]),
                                   warmup_s=isolated["warmup_s"]), None))
+            if mx_python is not None:  # MXNet has no bf16 LAMB: its float16 + float32-master route instead
+                if progress:
+                    progress(f"{wl}/{setup}: {MXNET}")
+                mx = run_mxnet(mx_python, shapes, repeats, setup != "fp32", notes, f"{wl}/{setup}")
+                if mx is not None:
+                    own_versions.update(mx["versions"])
+                    cands.append((Row(wl, setup, MXNET, "float32" if setup == "fp32" else "float16",
+                                      times=list(mx["times"]), warmup_s=mx["warmup_s"]), None))
             for row, _ in cands:
                 rows.append(row)
                 row._n = n  # type: ignore[attr-defined]
@@ -219,6 +233,6 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
             d["gb_per_s"] = row.bytes_per_param * n / row.median / 1e9
             d["fraction_of_roof"] = d["gb_per_s"] * 1e9 / roof_bw
         out_rows.append(d)
-    return {"machine": machine(dev), "device": dev.type, "repeats": repeats, "notes": notes,
+    return {"machine": {**machine(dev), **own_versions}, "device": dev.type, "repeats": repeats, "notes": notes,
             "roof": ROOF_LABEL[ROOF[dev.type]], "roof_gb_per_s": roof_bw / 1e9,
             **{f"{name}_gb_per_s": bw / 1e9 for name, bw in bandwidth.items()}, "rows": out_rows}
