@@ -86,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="time an optimizer step of mplamb's backends against other optimizers and the bandwidth roof",
         description="Side-by-side step-time benchmark in one process, round-robin: mplamb's backends, torch "
                     "AdamW (foreach, fused), and the LAMBs of pytorch_optimizer, timm and torch-optimizer "
-                    "where installed, with a measured STREAM triad and in-place bandwidth roof. Prints a table "
-                    "and writes bench.md, bench.json and bench.png to --out.",
+                    "where installed, with measured bandwidth roofs (STREAM triad, in-place pass, copy). On the "
+                    "CPU, optax's lamb (where optax and jax are installed) and MXNet 1.9's LAMB (--mxnet-python) "
+                    "are timed in processes of their own. --device cuda times the Triton backend on a GPU "
+                    "against a device-to-device copy. Prints a table and writes bench.md, bench.json and "
+                    "bench.png to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bench.add_argument("--workloads", default="bert-base,one-50m,10k-small",
                        help="comma-separated: bert-base (199 tensors, 109.5M params), bert-large, one-50m, 10k-small")
