@@ -210,3 +210,11 @@ def test_own_process_mxnet_peer_times_real_steps(mp):
     notes = []
     out = isolated.run_mxnet(isolated.mxnet_python(), [(64, 3), (5,), (1000,)], 2, mp, notes, "tiny")
     assert notes == [] and len(out["times"]) == 2 and out["versions"]["mxnet"].startswith("1.9")
+
+
+def test_bench_rejects_a_missing_gpu_or_mxnet_interpreter_clearly(capsys, tmp_path):
+    assert cli.main(["bench", "--mxnet-python", str(tmp_path / "nope")]) == 2
+    assert "--mxnet-python" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

@@ -26,6 +26,10 @@ def _bench(args: argparse.Namespace) -> int:
         if s not in ("fp32", "bf16"):
             print(f"--setups: unknown setup {s!r} (choose from fp32, bf16)", file=sys.stderr)
             return 2
+    if args.mxnet_python is not None and not pathlib.Path(args.mxnet_python).exists():
+        print(f"--mxnet-python: {args.mxnet_python} does not exist (scripts/setup_mxnet.sh makes .venv-mxnet)",
+              file=sys.stderr)
+        return 2
     if args.device.startswith("cuda"):
         import torch
 
