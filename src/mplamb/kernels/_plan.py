@@ -24,7 +24,7 @@ from ._staging import Staging
 from .contract import LambBatch
 
 __all__ = ["Chunks", "partition", "chunk_table", "addresses", "owned_addresses", "batch_addresses", "scalar_tables",
-           "sizes_of"]
+           "sizes_of", "by_dtype"]
 
 
 class Chunks(NamedTuple):
@@ -39,6 +39,17 @@ class Chunks(NamedTuple):
 
 def sizes_of(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     return np.fromiter(map(torch.Tensor.numel, tensors), dtype=np.int64, count=len(tensors))
+
+
+def by_dtype(tensors: Sequence[torch.Tensor]) -> Dict[torch.dtype, List[int]]:
+    """Indices of the tensors of each dtype (one launch each; the usual single dtype without a Python loop)."""
+    dtypes = set(map(operator.attrgetter("dtype"), tensors))
+    if len(dtypes) == 1:
+        return {dtypes.pop(): list(range(len(tensors)))}
+    groups: Dict[torch.dtype, List[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return groups
 
 
 def chunk_table(sizes: np.ndarray, chunk: int) -> Chunks:

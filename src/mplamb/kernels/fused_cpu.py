@@ -15,13 +15,13 @@ Arithmetic is bit-identical to :mod:`.reference` (same operations, same order, n
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .._validate import HALF_DTYPES
 from . import reference
-from ._plan import addresses, batch_addresses, chunk_table, partition, scalar_tables, sizes_of
+from ._plan import addresses, batch_addresses, by_dtype, chunk_table, partition, scalar_tables, sizes_of
 from ._staging import Staging as _Staging
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
@@ -121,11 +121,8 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor], memo: Optional[dict] = No
         return torch.from_numpy(out)
     _threads()
     stage = _Staging()
-    by_dtype: Dict[torch.dtype, List[int]] = {}
-    for i, g in enumerate(grads):
-        by_dtype.setdefault(g.dtype, []).append(i)
-    for dtype, idx in by_dtype.items():
-        gs = [grads[i] for i in idx]
+    for dtype, idx in by_dtype(grads).items():
+        gs = grads if len(idx) == n else [grads[i] for i in idx]
         sizes = sizes_of(gs)
         ct, cs, cl, _ = chunk_table(sizes, K.CHUNK)
         partial = np.empty((ct.shape[0], 1), dtype=np.float64)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import reference
-from ._plan import batch_addresses, chunk_table, partition, scalar_tables, sizes_of
+from ._plan import addresses, batch_addresses, by_dtype, chunk_table, partition, scalar_tables, sizes_of
 from ._staging import Staging
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
@@ -208,16 +208,14 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor], memo: Optional[dict] = No
     device = grads[0].device
     out = None
     stage = Staging()
-    by_dtype: dict = {}
-    for i, g in enumerate(grads):
-        by_dtype.setdefault(g.dtype, []).append(i)
+    groups = by_dtype(grads)
     with _on(device):
-        for dtype, idx in by_dtype.items():
-            gs = [grads[i] for i in idx]
+        for dtype, idx in groups.items():
+            gs = grads if len(idx) == n else [grads[i] for i in idx]
             if dtype not in _KIND:
                 part = reference.grad_sum_of_squares(gs).to(device)
             else:
-                addr = np.array([stage.read(g).data_ptr() for g in gs], dtype=np.int64)
+                addr = addresses(gs, stage, [False] * len(gs))
                 if memo is not None and len(idx) == n and not len(stage):  # one dtype, nothing staged: reusable
                     memo["grad_addresses"] = (grads, addr)
                 tid, first, sizes, nblocks = _device_blocks(sizes_of(gs).tobytes(), device, BLOCK)
@@ -226,7 +224,7 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor], memo: Optional[dict] = No
                     K.grad_sumsq_kernel[(nblocks,)](_upload(addr, device), tid, first, sizes, partial,
                                                     G_KIND=_KIND[dtype], BLOCK=BLOCK, **_options())
                 part = _sum_blocks(partial, first, len(idx), 1)[0]
-            if len(by_dtype) == 1:
+            if len(groups) == 1:
                 return part
             if out is None:
                 out = torch.empty(n, dtype=torch.float64, device=device)
