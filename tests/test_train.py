@@ -127,6 +127,8 @@ def test_bench_runs_on_a_tiny_workload(tmp_path, monkeypatch, capsys):
     assert "mplamb Lamb [reference]" in names and "torch AdamW (fused)" in names
     assert all(len(r["times"]) == 2 and r["median_s"] > 0 for r in result["rows"])
     assert "fraction of in-place roof" in bench.table(result)
+    result["notes"].append("tiny: a peer timed out")
+    assert "Note: tiny: a peer timed out." in bench.table(result)
     bench.chart(result, str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["bench", "--workloads", "nope"]) == 2
