@@ -8,7 +8,8 @@ Both hand the kernels every tensor of a batch at once, as raw addresses plus sma
   reduced per tensor in a fixed order;
 * :func:`addresses` / :func:`owned_addresses`: data addresses, non-contiguous tensors
   staged through :class:`~._staging.Staging`; the optimizer-owned ones remembered between
-  steps in the batch memo;
+  steps in the batch memo; :func:`gradient_addresses` / :func:`noted_gradient_addresses`: the
+  gradient pass's addresses, handed to phase 1 of the same step;
 * :func:`scalar_tables`: the per-tensor hyper-parameter rows the kernels read.
 """
 from __future__ import annotations
@@ -24,7 +25,9 @@ from ._staging import Staging
 from .contract import LambBatch
 
 __all__ = ["Chunks", "partition", "chunk_table", "addresses", "owned_addresses", "batch_addresses", "scalar_tables",
-           "sizes_of", "by_dtype"]
+           "sizes_of", "by_dtype", "gradient_addresses", "noted_gradient_addresses"]
+
+_NOTED = "grad_addresses"  # the memo key under which the gradient pass leaves addresses for phase 1
 
 
 class Chunks(NamedTuple):
@@ -101,7 +104,7 @@ def addresses(tensors: Sequence[torch.Tensor], stage: Staging, written: Sequence
 
 def owned_addresses(name: tuple, tensors: List[torch.Tensor], stage: Staging,
                     memo: Optional[dict]) -> Tuple[np.ndarray, np.ndarray]:
-    """Addresses and sizes of tensors the caller owns and never re-points (moments, masters, parameters),
+    """Addresses and sizes of tensors the caller owns and never re-points (moments, masters),
     remembered in ``memo`` from one step to the next while the list holds the very same (contiguous)
     tensor objects."""
     if memo is not None:
@@ -114,6 +117,22 @@ def owned_addresses(name: tuple, tensors: List[torch.Tensor], stage: Staging,
     if memo is not None and len(stage) == staged:  # staged stand-ins are per step: not remembered
         memo[name] = (list(tensors), addr, sizes)
     return addr, sizes
+
+
+def gradient_addresses(grads: Sequence[torch.Tensor], group: Sequence[torch.Tensor], stage: Staging,
+                       memo: Optional[dict]) -> np.ndarray:
+    """Addresses of ``group``, the gradients of one dtype among ``grads``.  When that is all of them and
+    none was staged, they are left in ``memo`` for phase 1 of the same step, which takes them only for
+    this very list object (:func:`noted_gradient_addresses`, :func:`batch_addresses`)."""
+    addr = addresses(group, stage, [False] * len(group))
+    if memo is not None and len(group) == len(grads) and not len(stage):
+        memo[_NOTED] = (grads, addr)
+    return addr
+
+
+def noted_gradient_addresses(batch: LambBatch) -> Optional[tuple]:
+    """What the gradient pass left in ``batch.memo`` (this step's, or a stale one), removed from it."""
+    return batch.memo.pop(_NOTED, None) if batch.memo is not None else None
 
 
 def batch_addresses(batch: LambBatch, part: tuple, idx: List[int], stage: Staging,

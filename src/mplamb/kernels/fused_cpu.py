@@ -21,7 +21,8 @@ import torch
 
 from .._validate import HALF_DTYPES
 from . import reference
-from ._plan import addresses, batch_addresses, by_dtype, chunk_table, partition, scalar_tables, sizes_of
+from ._plan import (batch_addresses, by_dtype, chunk_table, gradient_addresses, noted_gradient_addresses, partition,
+                    scalar_tables, sizes_of)
 from ._staging import Staging as _Staging
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
@@ -63,12 +64,12 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
     stage = _Staging()
     plans = []
     sumsq = np.zeros((3 if dry else 2, n), dtype=np.float64)
-    noted = batch.memo.pop("grad_addresses", None) if batch.memo is not None else None  # this step's, or stale
-    for (src_dtype, g_dtype, m_dtype, has_master, o_dtype), idx in partition(batch).items():
-        part = (src_dtype, g_dtype, m_dtype, has_master, o_dtype)
+    noted = noted_gradient_addresses(batch)
+    override = None if batch.rescale is None else float(batch.rescale)
+    for part, idx in partition(batch).items():
+        src_dtype, g_dtype, m_dtype, has_master, o_dtype = part
         w_addr, g_addr, m_addr, v_addr, o_addr, sz = batch_addresses(batch, part, idx, stage, noted)
         ct, cs, cl, _ = chunk_table(sz, K.CHUNK)
-        override = None if batch.rescale is None else float(batch.rescale)
         scal, bias = scalar_tables(batch, idx, np.float64 if m_dtype == torch.float64 else np.float32, override)
         partial = np.empty((ct.shape[0], 3), dtype=np.float64)
         scratch = np.empty((numba.config.NUMBA_NUM_THREADS, K.CHUNK), dtype=scal.dtype)  # one chunk per thread
@@ -126,9 +127,7 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor], memo: Optional[dict] = No
         sizes = sizes_of(gs)
         ct, cs, cl, _ = chunk_table(sizes, K.CHUNK)
         partial = np.empty((ct.shape[0], 1), dtype=np.float64)
-        addr = addresses(gs, stage, [False] * len(gs))
-        if memo is not None and len(idx) == n and not len(stage):  # one dtype, nothing staged: reusable
-            memo["grad_addresses"] = (grads, addr)
+        addr = gradient_addresses(grads, gs, stage, memo)
         K.grad_sumsq_pass(addr, sizes, _MARK[dtype], ct, cs, cl, partial)
         out[idx] = K.sum_chunks(partial, ct, len(idx))[0]
     return torch.from_numpy(out)

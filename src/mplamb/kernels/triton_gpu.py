@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from . import reference
-from ._plan import addresses, batch_addresses, by_dtype, chunk_table, partition, scalar_tables, sizes_of
+from ._plan import (batch_addresses, by_dtype, chunk_table, gradient_addresses, noted_gradient_addresses, partition,
+                    scalar_tables, sizes_of)
 from ._staging import Staging
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
@@ -117,7 +118,7 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
         return Phase1Result(torch.zeros(rows, 0, dtype=torch.float64), [], dry=dry)
     device = _device_of(batch)
     stage = Staging()
-    noted = batch.memo.pop("grad_addresses", None) if batch.memo is not None else None  # this step's, or stale
+    noted = noted_gradient_addresses(batch)
     rescale = batch.rescale.to(device=device, dtype=torch.float32) if batch.rescale is not None else None
     launches, parts = [], partition(batch)
     sumsq = None
@@ -215,9 +216,7 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor], memo: Optional[dict] = No
             if dtype not in _KIND:
                 part = reference.grad_sum_of_squares(gs).to(device)
             else:
-                addr = addresses(gs, stage, [False] * len(gs))
-                if memo is not None and len(idx) == n and not len(stage):  # one dtype, nothing staged: reusable
-                    memo["grad_addresses"] = (grads, addr)
+                addr = gradient_addresses(grads, gs, stage, memo)
                 tid, first, sizes, nblocks = _device_blocks(sizes_of(gs).tobytes(), device, BLOCK)
                 partial = torch.empty(max(nblocks, 1), 1, dtype=torch.float64, device=device)
                 if nblocks:
