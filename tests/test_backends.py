@@ -21,7 +21,7 @@ OTHER = [b for b in available_backends("cpu") if b != "reference"]
 SHAPES = [(0,), (), (1,), (7,), (33, 17), (20000,), (3, 1, 5), (8193,)]
 
 
-def build(seed, weight_dtype, master, shapes, *, layout="contiguous", out_mode="inplace", hp=None):
+def build(seed, weight_dtype, master, shapes, *, layout="contiguous", out_mode="inplace", hp=None, steps=None):
     g = torch.Generator().manual_seed(seed)
     hp = hp or {}
     cdtype = torch.float64 if weight_dtype == torch.float64 else torch.float32
@@ -45,7 +45,8 @@ def build(seed, weight_dtype, master, shapes, *, layout="contiguous", out_mode="
         vs.append(rnd(state_dtype, positive=True, scale=0.1))
         masters.append(w32 if master else None)
         outs.append(w if (master or out_mode == "inplace") else torch.zeros_like(w))
-        scalars.append(phase1_scalars(t=1 + 7 * k, wd=hp.get("wd", 0.01), beta1=hp.get("beta1", 0.9),
+        t = 1 + 7 * k if steps is None else steps[k % len(steps)]
+        scalars.append(phase1_scalars(t=t, wd=hp.get("wd", 0.01), beta1=hp.get("beta1", 0.9),
                                       beta2=hp.get("beta2", 0.999), epsilon=hp.get("epsilon", 1e-6),
                                       bias_correction=hp.get("bias_correction", True),
                                       rescale_grad=hp.get("rescale_grad", 1.0),
@@ -142,6 +143,50 @@ HP = st.fixed_dictionaries({
 @settings(max_examples=8, deadline=None)
 def test_backend_matches_reference_hyper_parameters(backend, dtype, master, hp, seed, dry):
     run_both(backend, dry=dry, seed=seed, weight_dtype=dtype, master=master, shapes=[(5,), (300,), (1,)], hp=hp)
+
+
+# Step counts around the points where the bias divisors round to exactly 1 (float64 1 - 0.9**t from
+# t = 356, float32 1 - 0.999**t from t = 17,300) and the fused kernels stop dividing; mixed counts
+# in one batch make the kernels divide rows whose divisor is already 1.
+LATE_STEPS = [[355], [356], [17299], [17300, 10**6], [1, 400], [400, 10**6]]
+
+
+@pytest.mark.parametrize("backend", OTHER)
+@pytest.mark.parametrize("dtype,master", [DTYPE_MODES[i] for i in (0, 1, 2, 4)])
+@pytest.mark.parametrize("steps", LATE_STEPS, ids=str)
+@pytest.mark.parametrize("dry", [False, True])
+def test_backend_matches_reference_at_late_steps(backend, dtype, master, steps, dry):
+    run_both(backend, dry=dry, seed=5, weight_dtype=dtype, master=master, shapes=SHAPES, steps=steps)
+
+
+@pytest.mark.parametrize("backend", OTHER)
+@pytest.mark.parametrize("betas", [(0.999, 0.9), (0.5, 0.5), (0.0, 0.0)], ids=str)
+@pytest.mark.parametrize("steps", [[1], [60], [400], [1, 60, 400]], ids=str)
+def test_backend_matches_reference_at_late_steps_other_betas(backend, betas, steps):
+    """beta2 < beta1: the var divisor reaches 1 first (the kernels keep dividing both)."""
+    hp = {"beta1": betas[0], "beta2": betas[1]}
+    run_both(backend, seed=6, weight_dtype=torch.float32, master=False, shapes=SHAPES, steps=steps, hp=hp)
+
+
+def test_bias_regimes_are_chosen_from_exact_ones():
+    fused_cpu = pytest.importorskip("mplamb.kernels.fused_cpu")
+    if not fused_cpu.AVAILABLE:
+        pytest.skip("numba is not installed")
+    import numpy as np
+    K = fused_cpu.K
+
+    def regime(rows):
+        return type(fused_cpu.bias_regime(np.asarray(rows, dtype=np.float64))[1])
+
+    one = (1.0, 1.0, 1.0, 1.0)
+    assert regime([one]) is type(K.BIAS_NONE)
+    assert regime([(0.0, 0.0, 0.0, 0.0)]) is type(K.BIAS_NONE)  # no bias correction
+    assert regime([(1.0, 0.5, 1.0, 2.0)]) is type(K.BIAS_VAR)
+    assert regime([one, (1.0, 0.5, 1.0, 2.0)]) is type(K.BIAS_VAR)
+    assert regime([(1.0 - 2.0**-53, 1.0, 1.0, 1.0)]) is type(K.BIAS_BOTH)  # not exactly 1: divides
+    assert regime([(0.5, 1.0, 2.0, 1.0)]) is type(K.BIAS_BOTH)
+    rows, _ = fused_cpu.bias_regime(np.zeros((2, 4)))
+    assert (rows == 1.0).all()  # off rows divide by exactly 1 if a loop divides at all
 
 
 ALL = ["reference"] + OTHER

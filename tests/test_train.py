@@ -7,6 +7,7 @@ import pathlib
 import pytest
 import torch
 
+import mplamb
 from mplamb import cli
 from mplamb.bench.isolated import mxnet_python, own_process_peer_available
 from mplamb.demo.data import load_corpus
@@ -133,6 +134,33 @@ def test_bench_runs_on_a_tiny_workload(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["bench", "--workloads", "nope"]) == 2
     assert "unknown workload" in capsys.readouterr().err
+
+
+def test_bench_late_step_rows_start_at_that_step(monkeypatch, capsys):
+    from mplamb import bench
+
+    monkeypatch.setitem(bench.WORKLOADS, "tiny", lambda: [(64, 3), (5,)])
+    seen = []
+    real_step = mplamb.Lamb.step
+
+    def spy(self, *a, **kw):
+        seen.append((id(self), min(st["step"] for st in self.state.values()) if self.state else 0))
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(mplamb.Lamb, "step", spy)
+    result = bench.run(["tiny"], ["fp32"], repeats=2, with_peers=False, backends=["fused_cpu"],
+                       roof_elements=10_000, late_step=400)
+    names = [r["name"] for r in result["rows"]]
+    assert "mplamb Lamb [fused_cpu]" in names and "mplamb Lamb [fused_cpu] from t=400" in names
+    by_opt = {}
+    for opt, step in seen:
+        by_opt.setdefault(opt, []).append(step)
+    starts = sorted(steps[1] for steps in by_opt.values())  # the step count before the first timed step
+    assert starts == [1, 399]
+    text = bench.table(result)
+    assert "| [fused_cpu] is faster by | [fused_cpu] from t=400 is faster by |" in text
+    assert cli.main(["bench", "--late-step", "1"]) == 2
+    assert "--late-step" in capsys.readouterr().err
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, text_file, capsys):

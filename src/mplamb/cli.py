@@ -30,6 +30,9 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"--mxnet-python: {args.mxnet_python} does not exist (scripts/setup_mxnet.sh makes .venv-mxnet)",
               file=sys.stderr)
         return 2
+    if args.late_step is not None and args.late_step < 2:
+        print(f"--late-step: expected a step count >= 2, got {args.late_step}", file=sys.stderr)
+        return 2
     if args.device.startswith("cuda"):
         import torch
 
@@ -44,7 +47,7 @@ def _bench(args: argparse.Namespace) -> int:
             bar.set_description_str(msg)
 
     result = bench.run(workloads, setups, repeats=args.repeats, with_peers=not args.no_peers, backends=backends,
-                       progress=progress, device=args.device, mxnet=args.mxnet_python)
+                       progress=progress, device=args.device, mxnet=args.mxnet_python, late_step=args.late_step)
     if bar is not None:
         bar.close()
     out = pathlib.Path(args.out)
@@ -107,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "$MPLAMB_MXNET_PYTHON, else .venv-mxnet/bin/python if it exists; scripts/setup_mxnet.sh)")
     bench.add_argument("--backends", default="", help="mplamb backends to time (default: all available)")
     bench.add_argument("--no-peers", action="store_true", help="time only mplamb's backends and the roof")
+    bench.add_argument("--late-step", type=int, default=None, metavar="T",
+                       help="also time every mplamb backend with its step counts starting at T, in rows of their "
+                            "own: from t = 356 (beta1 = 0.9) the bias divisor of the mean is exactly 1 and the "
+                            "fused kernels skip that division; the peers' step cost does not depend on t")
     bench.add_argument("--out", default="mplamb-report-bench", help="folder for bench.md/json/png")
     bench.set_defaults(func=_bench)
     return parser

@@ -27,18 +27,23 @@ def table(result: dict) -> str:
              f"{result['roof']} roof.", ""]
     for (wl, setup), rows in _groups(result).items():
         ours = next((r for r in rows if r["name"] == fast), None)
+        late_name = f"{fast} from t={result['late_step']}" if result.get("late_step") else None
+        ours_late = next((r for r in rows if r["name"] == late_name), None)
+        refs = [(ours, fast.split()[-1])] + ([(ours_late, f"{fast.split()[-1]} from t={result['late_step']}")]
+                                             if ours_late else [])
         n, nt = rows[0]["params"], rows[0]["tensors"]
         lines += [f"**{wl}** ({nt} tensors, {n / 1e6:.1f}M params), setup **{setup}** "
                   f"(mplamb params {setup}{' + fp32 masters' if setup != 'fp32' else ''}; peers fp32)", "",
                   f"| optimizer | params | s/step (median) | p25-p75 | ns/param | fraction of {result['roof']} roof | "
-                  f"{fast.split()[-1]} is faster by | peak extra MB | warm-up s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  + "".join(f"{label} is faster by | " for _, label in refs) + "peak extra MB | warm-up s |",
+                  "|---|---|---|---|---|---|" + "---|" * len(refs) + "---|---|"]
         for r in sorted(rows, key=lambda r: r["median_s"]):
             frac = f"{r['fraction_of_roof']:.2f}" if "fraction_of_roof" in r else "-"
-            ratio = f"{r['median_s'] / ours['median_s']:.2f}x" if ours and r is not ours else "-"
+            ratios = "".join((f"{r['median_s'] / ref['median_s']:.2f}x" if ref and r is not ref else "-") + " | "
+                             for ref, _ in refs)
             mem = f"{r['peak_extra_mb']:.0f}" if r.get("peak_extra_mb") is not None else "-"
             lines.append(f"| {r['name']} | {r['param_dtype']} | {r['median_s']:.4f} | {r['p25_s']:.4f}-{r['p75_s']:.4f}"
-                         f" | {r['ns_per_param']:.2f} | {frac} | {ratio} | {mem} | {r['warmup_s']:.2f} |")
+                         f" | {r['ns_per_param']:.2f} | {frac} | {ratios}{mem} | {r['warmup_s']:.2f} |")
         if ours and nt >= 1000:
             bytes_s = ours["bytes_per_param"] * n / (result["roof_gb_per_s"] * 1e9)
             per_tensor = (ours["median_s"] - bytes_s) / nt * 1e6

@@ -143,8 +143,13 @@ ROOF_LABEL = {"inplace": "in-place", "copy": "copy", "triad": "triad"}
 
 def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: bool = True,
         backends: Optional[List[str]] = None, progress: Optional[Callable[[str], None]] = None,
-        roof_elements: Optional[int] = None, device: str = "cpu", mxnet: Optional[str] = None) -> dict:
+        roof_elements: Optional[int] = None, device: str = "cpu", mxnet: Optional[str] = None,
+        late_step: Optional[int] = None) -> dict:
     """Benchmark every candidate on every (workload, setup) on ``device``; returns a JSON-ready dict.
+
+    ``late_step``: every mplamb backend is timed a second time, in a row of its own, with its step
+    counts starting at ``late_step`` (a step's cost depends on t: the fused kernels skip the bias
+    divisions once their divisors are exactly 1).  The peers' cost does not depend on t.
 
     With peers on the CPU, optax (if installed) and MXNet (if ``mxnet`` or :func:`.isolated.mxnet_python`
     finds an interpreter with it) are timed in processes of their own."""
@@ -174,14 +179,19 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
             gen = torch.Generator().manual_seed(1)
             grads32 = [(torch.randn(s, generator=gen) * 1e-3).to(dev) for s in shapes]
             cands = []
+            late = set()  # the optimizers whose step counts jump to late_step after the warm-up
             for b in backends:
-                ps = _params(shapes, dtype, dev)
-                gd = grads32 if dtype == torch.float32 else [g.to(dtype) for g in grads32]
-                for p, g in zip(ps, gd):
-                    p.grad = g
-                cands.append((Row(wl, setup, f"mplamb Lamb [{b}]", str(dtype).replace("torch.", ""),
-                                  bytes_per_param=LAMB_BYTES),
-                              mplamb.Lamb(ps, lr=LR, weight_decay=WD, backend=b)))
+                for start in [1] + ([late_step] if late_step else []):
+                    ps = _params(shapes, dtype, dev)
+                    gd = grads32 if dtype == torch.float32 else [g.to(dtype) for g in grads32]
+                    for p, g in zip(ps, gd):
+                        p.grad = g
+                    opt = mplamb.Lamb(ps, lr=LR, weight_decay=WD, backend=b)
+                    name = f"mplamb Lamb [{b}]" + ("" if start == 1 else f" from t={start}")
+                    cands.append((Row(wl, setup, name, str(dtype).replace("torch.", ""),
+                                      bytes_per_param=LAMB_BYTES), opt))
+                    if start != 1:
+                        late.add(id(opt))
             if with_peers:
                 for name, make in peers().items():
                     ps = _params(shapes, torch.float32, dev)
@@ -193,6 +203,9 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
                 if progress:
                     progress(f"{wl}/{setup}: warm-up {row.name}")
                 row.warmup_s = _timed(opt.step, dev)
+                if id(opt) in late:
+                    for st in opt.state.values():
+                        st["step"] = late_step - 1
             for r in range(repeats):
                 for row, opt in cands:
                     if progress:
@@ -234,5 +247,6 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
             d["fraction_of_roof"] = d["gb_per_s"] * 1e9 / roof_bw
         out_rows.append(d)
     return {"machine": {**machine(dev), **own_versions}, "device": dev.type, "repeats": repeats, "notes": notes,
+            "late_step": late_step,
             "roof": ROOF_LABEL[ROOF[dev.type]], "roof_gb_per_s": roof_bw / 1e9,
             **{f"{name}_gb_per_s": bw / 1e9 for name, bw in bandwidth.items()}, "rows": out_rows}

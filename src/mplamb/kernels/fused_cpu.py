@@ -15,7 +15,7 @@ Arithmetic is bit-identical to :mod:`.reference` (same operations, same order, n
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -53,6 +53,29 @@ def _threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
+def bias_regime(bias: "np.ndarray") -> Tuple["np.ndarray", object]:
+    """The cheapest exact bias-correction loop for the rows ``bias`` = (bias1, bias2, 1/bias1,
+    1/bias2) of one launch (a ``BIAS_*`` marker of :mod:`.fused_cpu_kernels`), and the rows it reads.
+
+    A division is skipped only when its divisor is exactly 1 in every row, so no bit changes: rows
+    without bias correction (bias1 = 0) become divisions by 1, and late steps have divisors that
+    rounded to 1 (see the kernels' module)."""
+    off = bias[:, 0] == 0.0
+    if off.any():
+        bias = bias.copy()
+        bias[off] = 1.0
+    if not (bias[:, 0] == 1.0).all():
+        return bias, K.BIAS_BOTH
+    return bias, (K.BIAS_NONE if (bias[:, 1] == 1.0).all() else K.BIAS_VAR)
+
+
+def clip_row(scal: "np.ndarray") -> "np.ndarray":
+    """``scal`` with the clip column (1) at +inf where clipping is off (<= 0): the kernels clip
+    every element with no branch, and clipping at +inf changes nothing (NaN included)."""
+    scal[:, 1] = np.where(scal[:, 1] > 0, scal[:, 1], np.inf)
+    return scal
+
+
 def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
     """Phase 1 of every tensor of ``batch`` and its local squared norms (one parallel pass per dtype;
     ``dry``: nothing written, the gradients' squared norms added as a third row)."""
@@ -71,13 +94,14 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
         w_addr, g_addr, m_addr, v_addr, o_addr, sz = batch_addresses(batch, part, idx, stage, noted)
         ct, cs, cl, _ = chunk_table(sz, K.CHUNK)
         scal, bias = scalar_tables(batch, idx, np.float64 if m_dtype == torch.float64 else np.float32, override)
+        scal, (bias, regime) = clip_row(scal), bias_regime(bias)
         partial = np.empty((ct.shape[0], 3), dtype=np.float64)
         scratch = np.empty((numba.config.NUMBA_NUM_THREADS, K.CHUNK), dtype=scal.dtype)  # one chunk per thread
         K.phase1_pass(w_addr, g_addr, m_addr, v_addr, sz, _MARK[src_dtype], _MARK[g_dtype],
-                      _MARK[m_dtype], scal, bias, ct, cs, cl, partial, scratch, not dry)
+                      _MARK[m_dtype], scal, bias, ct, cs, cl, partial, scratch, not dry, regime)
         sumsq[:, idx] = K.sum_chunks(partial, ct, len(idx))[:sumsq.shape[0]]
         plans.append((idx, w_addr, g_addr, m_addr, v_addr, o_addr, sz, src_dtype, g_dtype, m_dtype, o_dtype,
-                      has_master, scal, bias, ct, cs, cl))
+                      has_master, scal, bias, regime, ct, cs, cl))
     return Phase1Result(sumsq=torch.from_numpy(sumsq), carry=(plans, stage), dry=dry)
 
 
@@ -88,18 +112,18 @@ def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> Non
     plans, stage = p1.carry
     steps_np = steps.cpu().numpy()
     for (idx, w_addr, g_addr, m_addr, v_addr, o_addr, sz, src_dtype, g_dtype, m_dtype, o_dtype, has_master,
-         scal, bias, ct, cs, cl) in plans:
+         scal, bias, regime, ct, cs, cl) in plans:
         steps_i = np.ascontiguousarray(steps_np[idx])
         marks = (_MARK[src_dtype], _MARK[g_dtype], _MARK[m_dtype])
         if has_master:
             K.phase2_master_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sz, *marks, _MARK[o_dtype], scal, bias,
-                                 steps_i, ct, cs, cl, p1.dry)
+                                 steps_i, ct, cs, cl, p1.dry, regime)
         elif np.array_equal(w_addr, o_addr) and src_dtype == o_dtype:
             K.phase2_inplace_pass(w_addr, g_addr, m_addr, v_addr, sz, *marks, scal, bias, steps_i, ct, cs, cl,
-                                  p1.dry)
+                                  p1.dry, regime)
         else:
             K.phase2_out_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sz, *marks, _MARK[o_dtype], scal, bias,
-                              steps_i, ct, cs, cl, p1.dry)
+                              steps_i, ct, cs, cl, p1.dry, regime)
     stage.finish()
     return None
 

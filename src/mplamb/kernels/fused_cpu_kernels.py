@@ -201,14 +201,48 @@ def _divide_in_float64(x, d, inv):
     return None
 
 
+# Which bias corrections a compiled loop performs.  The launcher picks the cheapest exact one
+# per launch from the scalar table (:func:`mplamb.kernels.fused_cpu.bias_regime`) and passes it
+# as a marker whose *type* selects the compiled loop, as the dtype marks do: the choice is made
+# once per launch, never per element.  Skipping a division is exact only because the divisor is
+# exactly 1 (``x / 1`` is ``x`` bit for bit): ``1 - beta1**t`` rounds to 1 in float64 once
+# ``beta1**t < 2**-54`` (from t = 356 at beta1 = 0.9), ``1 - beta2**t`` to 1 in float32 once
+# ``beta2**t < 2**-25`` (from t = 17,300 at beta2 = 0.999); before that both divide.
+BIAS_BOTH = np.float64(0)  # mean and var divided
+BIAS_VAR = np.float32(0)  # var only: the mean's divisor is exactly 1
+BIAS_NONE = np.int8(0)  # neither: no bias correction, or both divisors exactly 1
+
+
+def divides_mean(regime):  # pragma: no cover - replaced by the overload below inside numba
+    raise NotImplementedError
+
+
+def divides_var(regime):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(divides_mean, inline="always")
+def _divides_mean(regime):
+    flag = regime == types.float64
+    return lambda regime: flag
+
+
+@overload(divides_var, inline="always")
+def _divides_var(regime):
+    flag = regime != types.int8
+    return lambda regime: flag
+
+
 @njit(inline="always")
-def _direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2):
-    """``g = mean_hat / (sqrt(var_hat) + eps) + wd * w`` in the compute dtype (bias1 == 0: no correction).
+def _direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2, regime):
+    """``g = mean_hat / (sqrt(var_hat) + eps) + wd * w`` in the compute dtype.
 
     ``mean_hat`` is MXNet's float64 division by ``bias1`` (:func:`divide_in_float64`),
-    ``var_hat = var / bias2`` a float32 division (:func:`divide_by_constant`)."""
-    if bias1 != 0.0:
+    ``var_hat = var / bias2`` a float32 division (:func:`divide_by_constant`); ``regime``
+    (``BIAS_*``) says which of them the loop performs (a compile-time constant)."""
+    if divides_mean(regime):
         m = divide_in_float64(m, bias1, inv1)
+    if divides_var(regime):
         v = divide_by_constant(v, bias2, inv2)
     return m / (np.sqrt(v) + eps) + w * wd
 
@@ -229,11 +263,13 @@ def sum_of_squares(x):
 
 @njit(inline="always")
 def _moments(gj, mj, vj, rescale, clip, b1, b2, omb1, omb2):
-    """New ``(mean, var)`` of one element from its raw gradient (clip <= 0: no clipping)."""
+    """New ``(mean, var)`` of one element from its raw gradient.  ``clip = +inf`` when clipping is
+    off (the launcher's :func:`~mplamb.kernels.fused_cpu.clip_row`): both selects then keep every
+    ``s``, infinities and NaN included, so the loop needs no branch on it (a branch that LLVM would
+    turn into selects on every element anyway)."""
     s = load(gj) * rescale
-    if clip > 0:
-        s = clip if s > clip else s
-        s = -clip if s < -clip else s
+    s = clip if s > clip else s
+    s = -clip if s < -clip else s
     return mj * b1 + s * omb1, vj * b2 + (s * omb2) * s
 
 
@@ -249,10 +285,10 @@ def _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2):
 
 @njit(parallel=True, cache=True)
 def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
-                scal, bias, chunk_tensor, chunk_start, chunk_len, partial, scratch, write):
+                scal, bias, chunk_tensor, chunk_start, chunk_len, partial, scratch, write, regime):
     """Phase 1 + local squared norms.  ``scal[i]`` = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2,
-    eps, wd) in the compute dtype (clip <= 0: off); ``bias[i]`` = (bias1, bias2, 1/bias1, 1/bias2) as
-    float64 (bias1 = 0: off).
+    eps, wd) in the compute dtype (clip = +inf: off); ``bias[i]`` = (bias1, bias2, 1/bias1, 1/bias2) as
+    float64, read as ``regime`` says (``BIAS_*``).
     ``partial[k]`` receives (sum w**2, sum g**2, sum grad**2) of chunk ``k``; the moments are written
     only when ``write`` (the gradients' column only when not)."""
     for k in prange(chunk_tensor.shape[0]):
@@ -271,21 +307,21 @@ def phase1_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark,
         if write:
             for j in range(n):
                 m, v = _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2)
-                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2, inv1, inv2)
+                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2, inv1, inv2, regime)
             partial[k, 2] = 0.0
         else:
             for j in range(n):
                 m, v = _moments(g[j], mean[j], var[j], rescale, clip, b1, b2, omb1, omb2)
-                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2, inv1, inv2)
+                dirs[j] = _direction(m, v, load(w[j]), eps, wd, bias1, bias2, inv1, inv2, regime)
             partial[k, 2] = sum_of_squares(g)
         partial[k, 0] = sum_of_squares(w)
         partial[k, 1] = sum_of_squares(dirs)
 
 
 @njit(inline="always")
-def _new_weight(m, v, w, step, eps, wd, bias1, bias2, inv1, inv2):
+def _new_weight(m, v, w, step, eps, wd, bias1, bias2, inv1, inv2, regime):
     """Phase 2 for one element: ``w - step * g`` with ``g`` recomputed from the moments."""
-    return w - step * _direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2)
+    return w - step * _direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2, regime)
 
 
 @njit(inline="always")
@@ -312,7 +348,7 @@ def _phase2_chunk(k, w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_ma
 
 @njit(parallel=True, cache=True)
 def phase2_inplace_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal, bias, steps,
-                        chunk_tensor, chunk_start, chunk_len, recompute):
+                        chunk_tensor, chunk_start, chunk_len, recompute, regime):
     """``w = w - step * g`` in place."""
     for k in prange(chunk_tensor.shape[0]):
         i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, step = \
@@ -322,16 +358,16 @@ def phase2_inplace_pass(w_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m
         if recompute:
             for j in range(n):
                 m, v = _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2)
-                w[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), w_mark)
+                w[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2, regime), w_mark)
         else:
             for j in range(n):
-                new = _new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2)
+                new = _new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2, regime)
                 w[j] = store(new, w_mark)
 
 
 @njit(parallel=True, cache=True)
 def phase2_master_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mark, m_mark, o_mark, scal, bias,
-                       steps, chunk_tensor, chunk_start, chunk_len, recompute):
+                       steps, chunk_tensor, chunk_start, chunk_len, recompute, regime):
     """``master = master - step * g`` in place and ``out = dtype(master)``."""
     for k in prange(chunk_tensor.shape[0]):
         i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, step = \
@@ -342,17 +378,17 @@ def phase2_master_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_
         if recompute:
             for j in range(n):
                 m, v = _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2)
-                w[j] = _new_weight(m, v, w[j], step, eps, wd, bias1, bias2, inv1, inv2)
+                w[j] = _new_weight(m, v, w[j], step, eps, wd, bias1, bias2, inv1, inv2, regime)
         else:
             for j in range(n):
-                w[j] = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2, inv1, inv2)
+                w[j] = _new_weight(mean[j], var[j], w[j], step, eps, wd, bias1, bias2, inv1, inv2, regime)
         for j in range(n):  # the rounded copy in a loop of its own (the chunk is in cache): it vectorises better
             out[j] = store(w[j], o_mark)
 
 
 @njit(parallel=True, cache=True)
 def phase2_out_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mark, m_mark, o_mark, scal, bias,
-                    steps, chunk_tensor, chunk_start, chunk_len, recompute):
+                    steps, chunk_tensor, chunk_start, chunk_len, recompute, regime):
     """``out = w - step * g`` (``w`` only read)."""
     for k in prange(chunk_tensor.shape[0]):
         i, s0, n, w, g, mean, var, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, step = \
@@ -363,10 +399,10 @@ def phase2_out_pass(w_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mar
         if recompute:
             for j in range(n):
                 m, v = _moments_stored(g, mean, var, j, rescale, clip, b1, b2, omb1, omb2)
-                out[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2), o_mark)
+                out[j] = store(_new_weight(m, v, load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2, regime), o_mark)
         else:
             for j in range(n):
-                new = _new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2)
+                new = _new_weight(mean[j], var[j], load(w[j]), step, eps, wd, bias1, bias2, inv1, inv2, regime)
                 out[j] = store(new, o_mark)
 
 
