@@ -158,3 +158,51 @@ def test_triton_divisions_match_the_fused_cpu_ones(which):
                         else x / np.float32(d))
             same = (got.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(got) & np.isnan(expected))
             assert same.all(), f"divisor {d!r}: {x[~same][:5]}"
+
+
+def _f32_patterns_around_half_rounding():
+    """float32 bit patterns with every upper half (every sign and exponent, every bfloat16 value and
+    every float16 range) and lower halves at and around the rounding points (ties, just below and
+    above, the extremes) plus a few random ones: NaN payloads, infinities and subnormals included."""
+    lows = [0x0000, 0x0001, 0x0FFF, 0x1000, 0x1001, 0x7FFF, 0x8000, 0x8001, 0xEFFF, 0xF000, 0xFFFF]
+    lows += np.random.default_rng(13).integers(0, 0x10000, 20).tolist()
+    hi = np.arange(0x10000, dtype=np.uint32) << np.uint32(16)
+    return (hi[:, None] | np.asarray(lows, dtype=np.uint32)[None, :]).ravel()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_stores_and_loads_round_as_torch_does(dtype):
+    """fused_cpu's own float32 -> bfloat16/float16 rounding (and the exact widening back) against
+    torch's conversions, bit for bit but for NaN payloads, on 2 million patterns chosen around every
+    rounding point."""
+    pytest.importorskip("numba")
+    from numba import njit
+
+    from mplamb.kernels.fused_cpu_kernels import load, store
+
+    marker = np.uint16(0) if dtype == torch.bfloat16 else np.int16(0)
+
+    @njit
+    def stores(x, out):
+        for j in range(x.shape[0]):
+            out[j] = store(x[j], marker)
+
+    @njit
+    def loads(h, out):
+        for j in range(h.shape[0]):
+            out[j] = load(h[j])
+
+    x = _f32_patterns_around_half_rounding().view(np.float32)
+    out = np.empty(x.shape, dtype=marker.dtype)
+    stores(x, out)
+    half = torch.from_numpy(x).to(dtype)
+    expected = half.view(torch.int16).numpy().view(marker.dtype)
+    ours_nan = torch.from_numpy(out.view(np.int16)).view(dtype).isnan().numpy()
+    # NaN stays NaN; its payload is not matched (torch 2.13 gives bfloat16 0xFFFF for every NaN)
+    bad = (out != expected) & ~(ours_nan & half.isnan().numpy())
+    assert not bad.any(), f"{int(bad.sum())} differ, e.g. {x.view(np.uint32)[bad][:4]}"
+    halves = np.arange(0x10000, dtype=np.uint32).astype(np.uint16).view(marker.dtype)
+    wide = np.empty(halves.shape, dtype=np.float32)
+    loads(halves, wide)
+    ref = torch.from_numpy(halves.view(np.int16)).view(dtype).float().numpy()
+    assert ((wide.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(wide) & np.isnan(ref))).all()
