@@ -189,6 +189,15 @@ def test_bias_regimes_are_chosen_from_exact_ones():
     assert (rows == 1.0).all()  # off rows divide by exactly 1 if a loop divides at all
 
 
+def test_warm_up_compiles_every_bias_loop():
+    fused_cpu = pytest.importorskip("mplamb.kernels.fused_cpu")
+    if not fused_cpu.AVAILABLE:
+        pytest.skip("numba is not installed")
+    fused_cpu.warm_up(dtypes=(torch.float32, torch.bfloat16))
+    for kernel in (fused_cpu.K.phase1_pass, fused_cpu.K.phase2_inplace_pass, fused_cpu.K.phase2_master_pass):
+        assert {str(sig[-1]) for sig in kernel.signatures} >= {"float64", "float32", "int8"}, kernel
+
+
 ALL = ["reference"] + OTHER
 
 

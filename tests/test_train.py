@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -194,7 +195,8 @@ def test_own_process_peer_reports_failures_and_timeouts_as_notes(monkeypatch):
     notes = []
     monkeypatch.setattr(isolated.subprocess, "run", failing)
     assert isolated.run_optax([(3,)], 2, notes, "tiny") is None
-    assert notes == [f"tiny: {isolated.OPTAX} failed (exit 1: ImportError: no jaxlib)"]
+    assert notes == [f"tiny: {isolated.OPTAX} failed (exit 1: ImportError: no jaxlib; memory cap "
+                     f"{isolated.memory_cap() / 2**30:.1f} GiB)"]
 
     def slow(*args, **kwargs):
         raise subprocess.TimeoutExpired(args, kwargs["timeout"])
@@ -202,6 +204,17 @@ def test_own_process_peer_reports_failures_and_timeouts_as_notes(monkeypatch):
     monkeypatch.setattr(isolated.subprocess, "run", slow)
     assert isolated.run_optax([(3,)], 2, notes, "tiny") is None
     assert "ran past" in notes[-1]
+
+
+@pytest.mark.skipif(not own_process_peer_available(), reason="optax and jax not installed")
+def test_own_process_peer_over_its_memory_cap_fails_alone(monkeypatch):
+    """A child that needs more memory than its cap fails with a note; it cannot take the machine's."""
+    from mplamb.bench import isolated
+
+    monkeypatch.setattr(isolated, "MEMORY_FRACTION", 2**28 / (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
+    notes = []
+    assert isolated.run_optax([(64, 3)], 2, notes, "tiny") is None
+    assert len(notes) == 1 and "failed" in notes[0] and "memory cap 0.2 GiB" in notes[0]
 
 
 @pytest.mark.skipif(not own_process_peer_available(), reason="optax and jax not installed")

@@ -1,7 +1,8 @@
 """The MXNet peer, run as a script by an interpreter that has MXNet 1.9 (``scripts/setup_mxnet.sh``).
 
 Standalone on purpose (it imports neither torch nor mplamb).  Reads ``{"shapes": [...],
-"repeats": n, "lr": .., "wd": .., "mp": bool}`` as JSON on stdin and prints ``{"times": [...],
+"repeats": n, "lr": .., "wd": .., "mp": bool, "max_bytes": ..}`` as JSON on stdin (``max_bytes``: the
+address-space limit this process sets on itself first) and prints ``{"times": [...],
 "warmup_s": .., "versions": {...}}``: seconds per step of ``mx.optimizer.LAMB`` applied the way
 MXNet's ``Trainer`` applies it (one ``Updater`` call with every parameter, so its fused
 ``multi_lamb_update`` route runs), on float32 parameters, or with ``mp`` float16 parameters with
@@ -14,6 +15,10 @@ import time
 
 def main():
     spec = json.load(sys.stdin)
+    if spec.get("max_bytes"):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (spec["max_bytes"], spec["max_bytes"]))
     import mxnet as mx
     import numpy as np
 

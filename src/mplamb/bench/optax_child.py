@@ -1,7 +1,8 @@
 """The optax peer, run as a script in a process of its own (by :mod:`.isolated`; it imports neither
 torch nor mplamb).
 
-Reads ``{"shapes": [...], "repeats": n, "lr": .., "wd": ..}`` as JSON on stdin and prints
+Reads ``{"shapes": [...], "repeats": n, "lr": .., "wd": .., "max_bytes": ..}`` as JSON on stdin (``max_bytes``:
+the address-space limit this process sets on itself first) and prints
 ``{"times": [...], "warmup_s": .., "versions": {...}}``: seconds per ``optax.lamb`` step on
 float32 parameters of those shapes, the update and its application compiled as one
 ``jax.jit`` function with the parameters and optimizer state donated (updated in place, as
@@ -17,6 +18,10 @@ import time
 
 def main() -> None:
     spec = json.load(sys.stdin)
+    if spec.get("max_bytes"):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (spec["max_bytes"], spec["max_bytes"]))
     import jax
     import jax.numpy as jnp
     import numpy as np

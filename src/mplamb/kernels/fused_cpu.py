@@ -157,19 +157,23 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor], memo: Optional[dict] = No
     return torch.from_numpy(out)
 
 
-def warm_up(dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)) -> None:
-    """Compile (or load from numba's on-disk cache) the kernels for the usual dtype combinations."""
+def warm_up(dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+            steps: Sequence[int] = (1, 1000, 10**6)) -> None:
+    """Compile (or load from numba's on-disk cache) the kernels for the usual dtype combinations, at
+    step counts that take every bias-correction loop at MXNet's betas (t = 1: both divisions; 1000:
+    the variance's only; 10**6: none), so that no compilation waits at step 356 of a training run."""
     from .._scalars import phase1_scalars
 
     for dt in dtypes:
         master = dt in HALF_DTYPES
-        w = torch.zeros(3, dtype=dt)
-        src = w.float() if master else w
         mdt = torch.float64 if dt == torch.float64 else torch.float32
-        sc = phase1_scalars(t=1, wd=0.0, beta1=0.9, beta2=0.999, epsilon=1e-6, bias_correction=True,
-                            rescale_grad=1.0, clip_gradient=-1.0, dtype=mdt)
-        batch = LambBatch(weights=[w], grads=[torch.zeros(3, dtype=dt)], means=[torch.zeros(3, dtype=mdt)],
-                          vars=[torch.zeros(3, dtype=mdt)], masters=[src if master else None], outs=[w],
-                          scalars=[sc], lrs=[0.0])
-        lamb_step(batch)
+        for t in steps:
+            w = torch.zeros(3, dtype=dt)
+            src = w.float() if master else w
+            sc = phase1_scalars(t=t, wd=0.0, beta1=0.9, beta2=0.999, epsilon=1e-6, bias_correction=True,
+                                rescale_grad=1.0, clip_gradient=-1.0, dtype=mdt)
+            batch = LambBatch(weights=[w], grads=[torch.zeros(3, dtype=dt)], means=[torch.zeros(3, dtype=mdt)],
+                              vars=[torch.zeros(3, dtype=mdt)], masters=[src if master else None], outs=[w],
+                              scalars=[sc], lrs=[0.0])
+            lamb_step(batch)
         grad_sum_of_squares([w])
