@@ -5,7 +5,7 @@ Wraps the numba kernels of :mod:`mplamb.kernels.fused_cpu` with timers around a 
 ``mplamb.Lamb`` step on one tensor and prints the fastest time of each pass over ``--steps``
 steps, with its bytes per parameter and effective bandwidth.  ``--start-step`` sets the step count the
 timed steps start from: the bias divisors round to exactly 1 from t = 356 (mean, beta1 = 0.9) and
-t = 17,300 (var, beta2 = 0.999), and the kernels skip those divisions.
+t = 17,321 (var, beta2 = 0.999), and the kernels skip those divisions.
 """
 from __future__ import annotations
 

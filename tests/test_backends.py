@@ -146,9 +146,9 @@ def test_backend_matches_reference_hyper_parameters(backend, dtype, master, hp, 
 
 
 # Step counts around the points where the bias divisors round to exactly 1 (float64 1 - 0.9**t from
-# t = 356, float32 1 - 0.999**t from t = 17,300) and the fused kernels stop dividing; mixed counts
+# t = 356, float32 1 - 0.999**t from t = 17,321) and the fused kernels stop dividing; mixed counts
 # in one batch make the kernels divide rows whose divisor is already 1.
-LATE_STEPS = [[355], [356], [17299], [17300, 10**6], [1, 400], [400, 10**6]]
+LATE_STEPS = [[355], [356], [17320], [17321, 10**6], [1, 400], [400, 10**6]]
 
 
 @pytest.mark.parametrize("backend", OTHER)
@@ -187,6 +187,11 @@ def test_bias_regimes_are_chosen_from_exact_ones():
     assert regime([(0.5, 1.0, 2.0, 1.0)]) is type(K.BIAS_BOTH)
     rows, _ = fused_cpu.bias_regime(np.zeros((2, 4)))
     assert (rows == 1.0).all()  # off rows divide by exactly 1 if a loop divides at all
+    # the documented thresholds at MXNet's betas
+    for t, expected in [(355, K.BIAS_BOTH), (356, K.BIAS_VAR), (17320, K.BIAS_VAR), (17321, K.BIAS_NONE)]:
+        sc = phase1_scalars(t=t, wd=0.0, beta1=0.9, beta2=0.999, epsilon=1e-6, bias_correction=True,
+                            rescale_grad=1.0, clip_gradient=-1.0, dtype=torch.float32)
+        assert regime([(sc.bias1, sc.bias2, 1 / sc.bias1, 1 / sc.bias2)]) is type(expected), t
 
 
 def test_warm_up_compiles_every_bias_loop():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import pytest
@@ -194,9 +193,9 @@ def test_own_process_peer_reports_failures_and_timeouts_as_notes(monkeypatch):
 
     notes = []
     monkeypatch.setattr(isolated.subprocess, "run", failing)
+    monkeypatch.setattr(isolated, "memory_cap", lambda: 2**33)
     assert isolated.run_optax([(3,)], 2, notes, "tiny") is None
-    assert notes == [f"tiny: {isolated.OPTAX} failed (exit 1: ImportError: no jaxlib; memory cap "
-                     f"{isolated.memory_cap() / 2**30:.1f} GiB)"]
+    assert notes == [f"tiny: {isolated.OPTAX} failed (exit 1: ImportError: no jaxlib; memory cap 8.0 GiB)"]
 
     def slow(*args, **kwargs):
         raise subprocess.TimeoutExpired(args, kwargs["timeout"])
@@ -211,7 +210,7 @@ def test_own_process_peer_over_its_memory_cap_fails_alone(monkeypatch):
     """A child that needs more memory than its cap fails with a note; it cannot take the machine's."""
     from mplamb.bench import isolated
 
-    monkeypatch.setattr(isolated, "MEMORY_FRACTION", 2**28 / (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
+    monkeypatch.setattr(isolated, "memory_cap", lambda: 2**28)
     notes = []
     assert isolated.run_optax([(64, 3)], 2, notes, "tiny") is None
     assert len(notes) == 1 and "failed" in notes[0] and "memory cap 0.2 GiB" in notes[0]

@@ -8,8 +8,8 @@ with torch's thread pools and allocator, and MXNet 1.9 needs an interpreter of i
 candidates' (no round-robin), so their ratios carry more of the machine's drift.  A peer that is
 not installed is skipped; a child that fails, runs past :data:`TIMEOUT_S` or needs more than
 :func:`memory_cap` bytes of address space leaves a note in the report (XLA compiles one program
-over every tensor: 10,000 tensors take minutes, and once took all 24 GB of this machine's memory,
-so the kernel killed the benchmark process; the cap makes that a failure of the child alone).
+over every tensor: 10,000 tensors take minutes and, uncapped, took all 24 GB of this machine's
+memory, so that the kernel killed the benchmark process; capped, the child fails alone).
 """
 from __future__ import annotations
 
@@ -26,12 +26,25 @@ OPTAX = "optax lamb (jit) [own process]"
 MXNET = "MXNet LAMB [own process]"
 TIMEOUT_S = 180
 _HERE = os.path.dirname(os.path.abspath(__file__))
-MEMORY_FRACTION = 0.5  # of physical memory: the most address space a child may map
+MEMORY_FRACTION = 0.5  # of the memory available when the child starts: the most address space it may map
+
+
+def _available_bytes() -> int:
+    """Linux's MemAvailable (physical memory where /proc/meminfo is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def memory_cap() -> int:
-    """Bytes of address space a child may use (``RLIMIT_AS``, set by the child itself)."""
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * MEMORY_FRACTION)
+    """Bytes of address space a child may use (``RLIMIT_AS``, set by the child itself): a fraction of
+    what is available now, so the benchmark process keeps what it holds."""
+    return int(_available_bytes() * MEMORY_FRACTION)
 
 
 def own_process_peer_available() -> bool:
@@ -49,16 +62,17 @@ def mxnet_python(explicit: Optional[str] = None) -> Optional[str]:
 
 
 def _child(python: str, script: str, spec: dict, notes: List[str], label: str, name: str) -> Optional[dict]:
+    cap = memory_cap()
     try:
-        done = subprocess.run([python, os.path.join(_HERE, script)], input=json.dumps({**spec, "max_bytes": memory_cap()}),
-                              capture_output=True, text=True, timeout=TIMEOUT_S)
+        done = subprocess.run([python, os.path.join(_HERE, script)], capture_output=True, text=True,
+                              input=json.dumps({**spec, "max_bytes": cap}), timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         notes.append(f"{label}: {name} skipped, it ran past {TIMEOUT_S} s (compilation included)")
         return None
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         notes.append(f"{label}: {name} failed (exit {done.returncode}: {tail[0][:200]}; memory cap "
-                     f"{memory_cap() / 2**30:.1f} GiB)")
+                     f"{cap / 2**30:.1f} GiB)")
         return None
     return json.loads(done.stdout)
 

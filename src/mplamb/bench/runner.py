@@ -3,6 +3,7 @@ in one process, round-robin (every repeat times every candidate once, so machine
 shared), medians and quartiles reported."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib.metadata
 import os
@@ -63,6 +64,15 @@ def _status_kb(key: str) -> Optional[int]:
     except OSError:
         return None
     return None
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise): the next workload's
+    candidates and the own-process peers start from what this process really holds."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def peak_extra_mb(fn: Callable[[], None], device: torch.device = torch.device("cpu")) -> Optional[float]:
@@ -233,6 +243,7 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
                 row._tensors = len(shapes)  # type: ignore[attr-defined]
             del cands
             gc.collect()
+            _trim_heap()
     bandwidth = {name: roof.bytes(name) / row.median for name, row in roof_rows.items()}
     roof_bw = bandwidth[ROOF[dev.type]]
     out_rows = []

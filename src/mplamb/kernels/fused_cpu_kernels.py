@@ -207,7 +207,7 @@ def _divide_in_float64(x, d, inv):
 # once per launch, never per element.  Skipping a division is exact only because the divisor is
 # exactly 1 (``x / 1`` is ``x`` bit for bit): ``1 - beta1**t`` rounds to 1 in float64 once
 # ``beta1**t < 2**-54`` (from t = 356 at beta1 = 0.9), ``1 - beta2**t`` to 1 in float32 once
-# ``beta2**t < 2**-25`` (from t = 17,300 at beta2 = 0.999); before that both divide.
+# ``beta2**t < 2**-25`` (from t = 17,321 at beta2 = 0.999); before that both divide.
 BIAS_BOTH = np.float64(0)  # mean and var divided
 BIAS_VAR = np.float32(0)  # var only: the mean's divisor is exactly 1
 BIAS_NONE = np.int8(0)  # neither: no bias correction, or both divisors exactly 1
