@@ -10,6 +10,11 @@ def _fast(result: dict) -> str:
     return FAST[result.get("device", "cpu")]
 
 
+def late_name(name: str, step: int) -> str:
+    """The row (or column label) of ``name`` timed with its step counts starting at ``step``."""
+    return f"{name} from t={step}"
+
+
 def _groups(result: dict) -> Dict[Tuple[str, str], List[dict]]:
     groups: Dict[Tuple[str, str], List[dict]] = {}
     for r in result["rows"]:
@@ -27,10 +32,11 @@ def table(result: dict) -> str:
              f"{result['roof']} roof.", ""]
     for (wl, setup), rows in _groups(result).items():
         ours = next((r for r in rows if r["name"] == fast), None)
-        late_name = f"{fast} from t={result['late_step']}" if result.get("late_step") else None
-        ours_late = next((r for r in rows if r["name"] == late_name), None)
-        refs = [(ours, fast.split()[-1])] + ([(ours_late, f"{fast.split()[-1]} from t={result['late_step']}")]
-                                             if ours_late else [])
+        refs = [(ours, fast.split()[-1])]  # (row the ratios are taken against, its column label)
+        late = result.get("late_step")
+        ours_late = next((r for r in rows if r["name"] == late_name(fast, late)), None) if late else None
+        if ours_late:
+            refs.append((ours_late, late_name(fast.split()[-1], late)))
         n, nt = rows[0]["params"], rows[0]["tensors"]
         lines += [f"**{wl}** ({nt} tensors, {n / 1e6:.1f}M params), setup **{setup}** "
                   f"(mplamb params {setup}{' + fp32 masters' if setup != 'fp32' else ''}; peers fp32)", "",

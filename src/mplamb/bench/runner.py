@@ -20,6 +20,7 @@ from mplamb.kernels import available_backends
 
 from .isolated import MXNET, OPTAX, mxnet_python, own_process_peer_available, run_mxnet, run_optax
 from .peers import LR, WD, peers
+from .report import late_name
 from .roof import Roof
 from .workloads import WORKLOADS, numel
 
@@ -197,7 +198,7 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
                     for p, g in zip(ps, gd):
                         p.grad = g
                     opt = mplamb.Lamb(ps, lr=LR, weight_decay=WD, backend=b)
-                    name = f"mplamb Lamb [{b}]" + ("" if start == 1 else f" from t={start}")
+                    name = f"mplamb Lamb [{b}]" if start == 1 else late_name(f"mplamb Lamb [{b}]", start)
                     cands.append((Row(wl, setup, name, str(dtype).replace("torch.", ""),
                                       bytes_per_param=LAMB_BYTES), opt))
                     if start != 1:
