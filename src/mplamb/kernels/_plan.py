@@ -164,10 +164,12 @@ def batch_addresses(batch: LambBatch, part: tuple, idx: List[int], stage: Stagin
 
 
 def scalar_tables(batch: LambBatch, idx: List[int], dtype: np.dtype,
-                  rescale: Optional[float]) -> Tuple[np.ndarray, np.ndarray]:
+                  rescale: Optional[float], clip_off: float = -1.0) -> Tuple[np.ndarray, np.ndarray]:
     """Per-tensor rows ``scal[k]`` = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd) in
-    ``dtype`` (clip = -1: off; ``rescale``, if given, replaces every tensor's) and ``bias[k]`` =
-    (bias1, bias2, 1/bias1, 1/bias2) in float64 (all 0: no bias correction) for tensors ``idx``."""
+    ``dtype`` (clip = ``clip_off`` where clipping is off: -1 for the Triton kernels, which branch on
+    it, +inf for the numba ones, which clip every element; ``rescale``, if given, replaces every
+    tensor's) and ``bias[k]`` = (bias1, bias2, 1/bias1, 1/bias2) in float64 (all 0: no bias
+    correction) for tensors ``idx``."""
     scalars = batch.scalars if len(idx) == len(batch.scalars) else [batch.scalars[i] for i in idx]
     if len(set(map(id, scalars))) == 1:  # the usual case: one step count for all (one row, repeated)
         scalars = scalars[:1]
@@ -177,7 +179,7 @@ def scalar_tables(batch: LambBatch, idx: List[int], dtype: np.dtype,
         r = uniq.get(id(sc))
         if r is None:
             r = uniq[id(sc)] = len(rows_scal)
-            rows_scal.append((sc.rescale if rescale is None else rescale, -1.0 if sc.clip is None else sc.clip,
+            rows_scal.append((sc.rescale if rescale is None else rescale, clip_off if sc.clip is None else sc.clip,
                               sc.beta1, sc.beta2, sc.one_minus_beta1, sc.one_minus_beta2, sc.epsilon, sc.wd))
             rows_bias.append((0.0, 0.0, 0.0, 0.0) if sc.bias1 is None else
                              (sc.bias1, sc.bias2, 1.0 / sc.bias1, 1.0 / sc.bias2))

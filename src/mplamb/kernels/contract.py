@@ -134,27 +134,25 @@ class StepResult:
         return torch.sqrt(self.sumsq[1])
 
 
-def step_sizes_for(batch: LambBatch, sumsq: torch.Tensor, *, unit_lr: bool = False) -> torch.Tensor:
-    """Per-tensor step sizes (float64 tensor holding compute-dtype values) from reduced norms.
+def step_sizes_for(batch: LambBatch, sumsq: torch.Tensor) -> torch.Tensor:
+    """Per-tensor step sizes and trust ratios from reduced norms: a ``(2, n)`` float64 tensor holding
+    compute-dtype values, row 0 the step sizes, row 1 the trust ratios (the step with every lr taken
+    as 1; 1 where the plain lr applies).
 
-    Norms are ``sqrt`` of the float64 sums, rounded once to each tensor's compute
-    dtype; the trust-ratio rule is :func:`mplamb._scalars.step_sizes` evaluated in that
-    dtype, so float32 tensors get exactly MXNet's float32 ``(lr * r1) / r2``.
-    ``unit_lr=True`` gives the trust ratios themselves (every lr taken as 1).
+    Norms are ``sqrt`` of the float64 sums, rounded once to each tensor's compute dtype; the
+    trust-ratio rule is :func:`mplamb._scalars.step_sizes` evaluated in that dtype on both rows at
+    once, so float32 tensors get exactly MXNet's float32 ``(lr * r1) / r2``.
     """
     norms = torch.sqrt(sumsq)
     dtypes = batch.compute_dtypes()
-    if unit_lr:
-        lrs = torch.ones(len(batch.lrs), dtype=torch.float64)
-    else:  # float32 values (MXNet's rule), rounded in one vectorised cast
-        lrs = torch.tensor(list(batch.lrs), dtype=torch.float64).to(torch.float32).to(torch.float64)
+    lrs = torch.ones(2, len(batch.lrs), dtype=torch.float64)
+    lrs[0] = torch.tensor(list(batch.lrs), dtype=torch.float64).to(torch.float32)  # float32 values (MXNet's rule)
     lrs = lrs.to(sumsq.device, non_blocking=True)
     adapt = True
     if batch.adapt is not None and not all(batch.adapt):
         adapt = torch.tensor(list(batch.adapt), dtype=torch.bool).to(sumsq.device, non_blocking=True)
     result = None
-    kinds = sorted(set(dtypes), key=str)
-    for dtype in kinds:
+    for dtype in sorted(set(dtypes), key=str):
         steps = step_sizes(
             lrs.to(dtype),
             norms[0].to(dtype),
@@ -178,7 +176,8 @@ def finish_norms(batch: LambBatch, sumsq: torch.Tensor, reducer: NormReducer) ->
     The one piece of the step between the phases that every backend shares.
     """
     sumsq = reducer(sumsq)
-    return sumsq, step_sizes_for(batch, sumsq), step_sizes_for(batch, sumsq, unit_lr=True)
+    both = step_sizes_for(batch, sumsq)
+    return sumsq, both[0], both[1]
 
 
 def run_step(backend: Any, batch: LambBatch, reducer: NormReducer = local_reducer, *,

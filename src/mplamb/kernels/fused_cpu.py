@@ -50,7 +50,11 @@ if AVAILABLE:
 
 
 def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """numba's thread count for this thread: torch's, within numba's pool (set only when it differs:
+    setting it costs more than a small step's kernel)."""
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
 
 
 def bias_regime(bias: "np.ndarray") -> Tuple["np.ndarray", object]:
@@ -67,13 +71,6 @@ def bias_regime(bias: "np.ndarray") -> Tuple["np.ndarray", object]:
     if not (bias[:, 0] == 1.0).all():
         return bias, K.BIAS_BOTH
     return bias, (K.BIAS_NONE if (bias[:, 1] == 1.0).all() else K.BIAS_VAR)
-
-
-def clip_row(scal: "np.ndarray") -> "np.ndarray":
-    """``scal`` with the clip column (1) at +inf where clipping is off (<= 0): the kernels clip
-    every element with no branch, and clipping at +inf changes nothing (NaN included)."""
-    scal[:, 1] = np.where(scal[:, 1] > 0, scal[:, 1], np.inf)
-    return scal
 
 
 def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
@@ -93,8 +90,11 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
         src_dtype, g_dtype, m_dtype, has_master, o_dtype = part
         w_addr, g_addr, m_addr, v_addr, o_addr, sz = batch_addresses(batch, part, idx, stage, noted)
         ct, cs, cl, _ = chunk_table(sz, K.CHUNK)
-        scal, bias = scalar_tables(batch, idx, np.float64 if m_dtype == torch.float64 else np.float32, override)
-        scal, (bias, regime) = clip_row(scal), bias_regime(bias)
+        # clipping off is a clip at +inf: the kernels clip every element with no branch, and clipping
+        # at +inf changes nothing (NaN included)
+        scal, bias = scalar_tables(batch, idx, np.float64 if m_dtype == torch.float64 else np.float32, override,
+                                   clip_off=np.inf)
+        bias, regime = bias_regime(bias)
         partial = np.empty((ct.shape[0], 3), dtype=np.float64)
         scratch = np.empty((numba.config.NUMBA_NUM_THREADS, K.CHUNK), dtype=scal.dtype)  # one chunk per thread
         K.phase1_pass(w_addr, g_addr, m_addr, v_addr, sz, _MARK[src_dtype], _MARK[g_dtype],

@@ -278,7 +278,7 @@ def sums_of_squares(x, y):
 @njit(inline="always")
 def _moments(gj, mj, vj, rescale, clip, b1, b2, omb1, omb2):
     """New ``(mean, var)`` of one element from its raw gradient.  ``clip = +inf`` when clipping is
-    off (the launcher's :func:`~mplamb.kernels.fused_cpu.clip_row`): both selects then keep every
+    off (the launcher's ``scalar_tables(..., clip_off=inf)``): both selects then keep every
     ``s``, infinities and NaN included, so the loop needs no branch on it (a branch that LLVM would
     turn into selects on every element anyway)."""
     s = load(gj) * rescale
