@@ -6,7 +6,10 @@ Run: ``python benchmarks/compute_bound.py [--sizes 1048576 50000000] [--repeats 
 A pass whose time per parameter is the same in cache as from DRAM is bound by its arithmetic; one
 that is much faster in cache is bound by memory.  mplamb's three passes (the gradient norms, phase
 1 and phase 2) are timed apart by wrapping the numba kernels; "kernels" is their sum, "step" the
-whole ``Lamb.step`` (with its per-step Python work, about 0.5 ms).  ``--start-step`` sets the
+whole ``Lamb.step`` (with its per-step Python work, about 0.5 ms).  AdamW's "kernels" is
+``torch._fused_adamw_`` called directly, its "step" ``AdamW.step``.  ``torch addcmul_`` (``w += c * m * v``)
+reads three tensors and writes one in place, as phase 2 of a float32 step does: the bandwidth torch
+itself gets from that access pattern.  ``--start-step`` sets the
 step count of the timed steps (from t = 17,321 no bias division is left; see
 ``mplamb.kernels.fused_cpu.bias_regime``).  Medians of ``--repeats`` round-robin rounds.
 """
@@ -65,14 +68,33 @@ def measure(n: int, repeats: int, start_step: int, sink: Dict[str, float]) -> Di
         for _ in range(inner):
             step()
         row = samples.setdefault(key, {})
-        row.setdefault("step", []).append((time.perf_counter() - start) / inner)
+        if key.startswith(("torch AdamW", "mplamb")) and not key.endswith("kernel"):
+            row.setdefault("step", []).append((time.perf_counter() - start) / inner)
         for label, seconds in sink.items():
             row.setdefault(label, []).append(seconds / inner)
-        if sink:
+        if sink and "kernels" not in sink:
             row.setdefault("kernels", []).append(sum(sink.values()) / inner)
+
+    (p,) = adamw.param_groups[0]["params"]
+    st = adamw.state[p]
+
+    def adamw_kernel() -> None:  # the fused kernel alone: what the "kernels" column means for AdamW
+        start = time.perf_counter()
+        torch._fused_adamw_([p], [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["step"]], lr=1e-3,
+                            beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
+        sink["kernels"] = sink.get("kernels", 0.0) + time.perf_counter() - start
+
+    w, m, v = (torch.randn(n) * 1e-3 for _ in range(3))
+
+    def pattern() -> None:  # phase 2's memory access pattern in one torch op: 3 streams read, 1 written in place
+        start = time.perf_counter()
+        w.addcmul_(m, v, value=1e-9)
+        sink["kernels"] = sink.get("kernels", 0.0) + time.perf_counter() - start
 
     for _ in range(repeats):
         timed("torch AdamW(fused) fp32", adamw.step)
+        timed("torch AdamW(fused) fp32 kernel", adamw_kernel)
+        timed("torch addcmul_ (phase 2's access pattern, fp32)", pattern)
         for dt, opt in lambs.items():
             timed("mplamb fused_cpu " + ("fp32" if dt == torch.float32 else "bf16 + fp32 masters"), opt.step)
     return {key: {q: statistics.median(v) / n * 1e9 for q, v in row.items()} for key, row in samples.items()}
@@ -80,7 +102,7 @@ def measure(n: int, repeats: int, start_step: int, sink: Dict[str, float]) -> Di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[2**20, 5e7])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[2**18, 2**20, 5e7])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--start-step", type=int, default=20_000)
     args = parser.parse_args()
@@ -92,14 +114,17 @@ def main() -> None:
     cols = ["grad norms", "phase 1", "phase 2", "kernels", "step"]
     print(f"ns per parameter, medians of {args.repeats} round-robin rounds, {torch.get_num_threads()} threads, "
           f"mplamb from t = {args.start_step}\n")
-    print("| parameters | optimizer | " + " | ".join(cols) + " | step / AdamW step |")
-    print("|---|---|" + "---|" * (len(cols) + 1))
+    print("| parameters | optimizer | " + " | ".join(cols) + " | kernels / AdamW kernel | step / AdamW step |")
+    print("|---|---|" + "---|" * (len(cols) + 2))
     for n in (int(s) for s in args.sizes):
         rows = measure(n, args.repeats, args.start_step, sink)
-        base = rows["torch AdamW(fused) fp32"]["step"]
+        adamw = rows.pop("torch AdamW(fused) fp32 kernel")
+        rows["torch AdamW(fused) fp32"]["kernels"] = adamw["kernels"]
+        base = rows["torch AdamW(fused) fp32"]
         for key, row in rows.items():
             cells = " | ".join(f"{row[c]:.3f}" if c in row else "-" for c in cols)
-            print(f"| {n:,} | {key} | {cells} | {row['step'] / base:.2f} |")
+            step_ratio = f"{row['step'] / base['step']:.2f}" if "step" in row else "-"
+            print(f"| {n:,} | {key} | {cells} | {row['kernels'] / base['kernels']:.2f} | {step_ratio} |")
 
 
 if __name__ == "__main__":

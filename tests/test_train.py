@@ -136,6 +136,24 @@ def test_bench_runs_on_a_tiny_workload(tmp_path, monkeypatch, capsys):
     assert "unknown workload" in capsys.readouterr().err
 
 
+def test_bench_ratios_are_paired_by_round():
+    """The machine's speed drifts between rounds; the per-round ratio cancels it.  Rows timed in a
+    process of their own are not paired: their ratio is that of the medians."""
+    import statistics
+
+    from mplamb.bench.report import ratio
+
+    def row(times, **kw):
+        return dict(times=times, median_s=statistics.median(times), **kw)
+
+    drift = [1.0, 3.0, 1.1, 2.9, 2.8]
+    assert ratio(row([0.5 * d for d in drift]), row([0.2 * d for d in drift])) == pytest.approx(2.5)
+    ours, peer = row([1.0, 2.0, 3.0]), row([3.0, 2.0, 9.0])  # per round 3, 1, 3; medians 2 and 3
+    assert ratio(peer, ours) == pytest.approx(3.0)
+    assert ratio(dict(peer, interleaved=False), ours) == pytest.approx(1.5)
+    assert ratio(row([3.0, 9.0]), ours) == pytest.approx(3.0)  # not the same rounds: medians (6 / 2)
+
+
 def test_bench_late_step_rows_start_at_that_step(monkeypatch, capsys):
     from mplamb import bench
 

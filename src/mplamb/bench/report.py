@@ -1,6 +1,7 @@
 """Tables and charts of a benchmark result (:func:`mplamb.bench.runner.run`)."""
 from __future__ import annotations
 
+import statistics
 from typing import Dict, List, Tuple
 
 FAST = {"cpu": "mplamb Lamb [fused_cpu]", "cuda": "mplamb Lamb [triton]"}  # the backend "auto" picks
@@ -13,6 +14,16 @@ def _fast(result: dict) -> str:
 def late_name(name: str, step: int) -> str:
     """The row (or column label) of ``name`` timed with its step counts starting at ``step``."""
     return f"{name} from t={step}"
+
+
+def ratio(row: dict, ref: dict) -> float:
+    """How many times slower ``row`` is than ``ref``: the median of the per-round ratios when both were
+    timed round-robin in one process (each round times every candidate back to back, so a drift of
+    the machine's speed between rounds cancels), else the ratio of the medians (own-process peers)."""
+    paired = row.get("interleaved", True) and ref.get("interleaved", True) and len(row["times"]) == len(ref["times"])
+    if paired and row["times"]:
+        return statistics.median(a / b for a, b in zip(row["times"], ref["times"]))
+    return row["median_s"] / ref["median_s"]
 
 
 def _groups(result: dict) -> Dict[Tuple[str, str], List[dict]]:
@@ -29,7 +40,8 @@ def table(result: dict) -> str:
     lines = [f"Roofs measured in the same run{gpu}: STREAM triad {result['triad_gb_per_s']:.1f} GB/s, "
              f"in-place pass {result['inplace_gb_per_s']:.1f} GB/s, copy {result['copy_gb_per_s']:.1f} GB/s "
              f"(bytes read + written; {result['repeats']} round-robin repeats, medians).  Fractions are of the "
-             f"{result['roof']} roof.", ""]
+             f"{result['roof']} roof.  \"Faster by\" is the median of the per-round ratios (the ratio of the "
+             "medians for peers timed in a process of their own).", ""]
     for (wl, setup), rows in _groups(result).items():
         ours = next((r for r in rows if r["name"] == fast), None)
         refs = [(ours, fast.split()[-1])]  # (row the ratios are taken against, its column label)
@@ -45,8 +57,7 @@ def table(result: dict) -> str:
                   "|---|---|---|---|---|---|" + "---|" * len(refs) + "---|---|"]
         for r in sorted(rows, key=lambda r: r["median_s"]):
             frac = f"{r['fraction_of_roof']:.2f}" if "fraction_of_roof" in r else "-"
-            ratios = "".join((f"{r['median_s'] / ref['median_s']:.2f}x" if ref and r is not ref else "-") + " | "
-                             for ref, _ in refs)
+            ratios = "".join((f"{ratio(r, ref):.2f}x" if ref and r is not ref else "-") + " | " for ref, _ in refs)
             mem = f"{r['peak_extra_mb']:.0f}" if r.get("peak_extra_mb") is not None else "-"
             lines.append(f"| {r['name']} | {r['param_dtype']} | {r['median_s']:.4f} | {r['p25_s']:.4f}-{r['p75_s']:.4f}"
                          f" | {r['ns_per_param']:.2f} | {frac} | {ratios}{mem} | {r['warmup_s']:.2f} |")

@@ -41,6 +41,7 @@ class Row:
     bytes_per_param: Optional[int] = None
     warmup_s: float = 0.0
     peak_extra_mb: Optional[float] = None
+    interleaved: bool = True  # timed round-robin with the other in-process candidates (times[r]: round r)
 
     @property
     def median(self) -> float:
@@ -229,7 +230,7 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
                 row.peak_extra_mb = peak_extra_mb(opt.step, dev)
             if isolated is not None:
                 cands.append((Row(wl, setup, OPTAX, "float32", times=list(isolated["times"]),
-                                  warmup_s=isolated["warmup_s"]), None))
+                                  warmup_s=isolated["warmup_s"], interleaved=False), None))
             if mx_python is not None:  # MXNet has no bf16 LAMB: its float16 + float32-master route instead
                 if progress:
                     progress(f"{wl}/{setup}: {MXNET}")
@@ -237,7 +238,7 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
                 if mx is not None:
                     own_versions.update(mx["versions"])
                     cands.append((Row(wl, setup, MXNET, "float32" if setup == "fp32" else "float16",
-                                      times=list(mx["times"]), warmup_s=mx["warmup_s"]), None))
+                                      times=list(mx["times"]), warmup_s=mx["warmup_s"], interleaved=False), None))
             for row, _ in cands:
                 rows.append(row)
                 row._n = n  # type: ignore[attr-defined]
