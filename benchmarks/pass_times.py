@@ -1,6 +1,6 @@
 """Where a fused_cpu step spends its time: the gradient-norm pass, phase 1 and phase 2, timed apart.
 
-Run: ``python benchmarks/pass_times.py [--dtype float32|bfloat16] [--numel 5e7] [--steps 8] [--start-step 1]``.
+Run: ``python benchmarks/pass_times.py [--dtype float32|bfloat16|float16] [--numel 5e7] [--steps 8] [--start-step 1]``.
 Wraps the numba kernels of :mod:`mplamb.kernels.fused_cpu` with timers around a real
 ``mplamb.Lamb`` step on one tensor and prints the fastest time of each pass over ``--steps``
 steps, with its bytes per parameter and effective bandwidth.  ``--start-step`` sets the step count the
@@ -18,14 +18,14 @@ import torch
 import mplamb
 from mplamb.kernels import fused_cpu
 
-# bytes per parameter each pass moves: (float32 params, bf16 params with fp32 masters)
+# bytes per parameter each pass moves: (float32 params, bf16/fp16 params with fp32 masters)
 BYTES = {"grad_sumsq_pass": (4, 2), "phase1_pass": (24, 22), "phase2_inplace_pass": (16, 16),
          "phase2_master_pass": (18, 18)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--numel", type=float, default=5e7)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--start-step", type=int, default=1, help="step count t of the first timed step")
@@ -59,7 +59,7 @@ def main() -> None:
         start = time.perf_counter()
         opt.step()
         total.append(time.perf_counter() - start)
-    col = 1 if dtype == torch.bfloat16 else 0
+    col = 0 if dtype == torch.float32 else 1
     print(f"{n:,} {args.dtype} parameters, fastest of {args.steps} steps from t = {opt.state[p]['step'] - args.steps + 1};"
           f" whole step {min(total) * 1e3:.1f} ms")
     for name, ts in times.items():

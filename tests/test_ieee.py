@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -170,27 +172,40 @@ def _f32_patterns_around_half_rounding():
     return (hi[:, None] | np.asarray(lows, dtype=np.uint32)[None, :]).ravel()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_stores_and_loads_round_as_torch_does(dtype):
-    """fused_cpu's own float32 -> bfloat16/float16 rounding (and the exact widening back) against
-    torch's conversions, bit for bit but for NaN payloads, on 2 million patterns chosen around every
-    rounding point."""
+@pytest.mark.parametrize("dtype, impl", [(torch.bfloat16, "kernels"), (torch.float16, "kernels"),
+                                         (torch.float16, "integer")])
+def test_half_stores_and_loads_round_as_torch_does(dtype, impl):
+    """fused_cpu's float32 -> bfloat16/float16 rounding (and the exact widening back) against torch's
+    conversions, bit for bit but for NaN payloads, on 2 million patterns chosen around every rounding
+    point: what the kernels use here ("kernels": hardware float16 conversion where the CPU has it),
+    and the integer-arithmetic float16 conversion of CPUs without it."""
     pytest.importorskip("numba")
     from numba import njit
 
-    from mplamb.kernels.fused_cpu_kernels import load, store
+    from mplamb.kernels.fused_cpu_kernels import f16_load_soft, f16_store_soft, load, store
 
     marker = np.uint16(0) if dtype == torch.bfloat16 else np.int16(0)
 
-    @njit
-    def stores(x, out):
-        for j in range(x.shape[0]):
-            out[j] = store(x[j], marker)
+    if impl == "kernels":
+        @njit
+        def stores(x, out):
+            for j in range(x.shape[0]):
+                out[j] = store(x[j], marker)
 
-    @njit
-    def loads(h, out):
-        for j in range(h.shape[0]):
-            out[j] = load(h[j])
+        @njit
+        def loads(h, out):
+            for j in range(h.shape[0]):
+                out[j] = load(h[j])
+    else:
+        @njit
+        def stores(x, out):
+            for j in range(x.shape[0]):
+                out[j] = f16_store_soft(x[j])
+
+        @njit
+        def loads(h, out):
+            for j in range(h.shape[0]):
+                out[j] = f16_load_soft(h[j])
 
     x = _f32_patterns_around_half_rounding().view(np.float32)
     out = np.empty(x.shape, dtype=marker.dtype)
@@ -206,3 +221,17 @@ def test_half_stores_and_loads_round_as_torch_does(dtype):
     loads(halves, wide)
     ref = torch.from_numpy(halves.view(np.int16)).view(dtype).float().numpy()
     assert ((wide.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(wide) & np.isnan(ref))).all()
+
+
+def test_float16_is_converted_in_hardware_where_the_cpu_can():
+    """On x86 with F16C the kernels must use it (the integer conversion made float16 steps 1.8x slower)."""
+    pytest.importorskip("numba")
+    import platform
+
+    from mplamb.kernels import fused_cpu_kernels as K
+
+    if platform.machine() != "x86_64" or os.environ.get("NUMBA_CPU_NAME"):
+        pytest.skip("checks the x86 host-CPU case")
+    with open("/proc/cpuinfo") as f:
+        f16c = " f16c" in f.read()
+    assert K.HARDWARE_HALF is f16c

@@ -72,10 +72,83 @@ _f32_from_bits = _bitcast(types.uint32, types.float32)
 _bits_from_f32 = _bitcast(types.float32, types.uint32)
 
 
+def _converts_half_in_hardware() -> bool:
+    """Whether LLVM turns float16 <-> float32 conversions into instructions here: numba compiles for
+    the host CPU (its default) and that CPU is x86 with F16C (``vcvtph2ps``/``vcvtps2ph``, 8 lanes at
+    a time) or AArch64 (``fcvt``).  Elsewhere LLVM would call a runtime routine that numba may not
+    link, so the kernels convert in integer arithmetic instead (:func:`f16_load_soft`)."""
+    import platform
+
+    import numba
+    from llvmlite import binding as llvm
+
+    if numba.config.CPU_NAME not in (None, "host"):  # portable code for another CPU: no feature is certain
+        return False
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        return bool(llvm.get_host_cpu_features().get("f16c", False))
+    except RuntimeError:  # feature detection unavailable
+        return False
+
+
+HARDWARE_HALF = _converts_half_in_hardware()
+
+
+@intrinsic
+def f16_load_hw(typingctx, bits):
+    """float16 bits (int16) widened to float32 by LLVM's ``fpext half`` (exact; vectorised to
+    ``vcvtph2ps``)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def f16_store_hw(typingctx, x):
+    """float32 rounded to float16 bits (int16) by LLVM's ``fptrunc`` (IEEE round to nearest even,
+    subnormals and overflow to inf included; ``vcvtps2ph``)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
 @njit(inline="always")
 def view(address, size, marker):
     """The ``size`` elements at ``address`` as a 1-d array of ``marker``'s type."""
     return carray(_pointer(address, marker), (size,))
+
+
+@njit(inline="always")
+def f16_load_soft(x):
+    """float16 bits (int16) widened to float32 in integer arithmetic, branch-free (F. Giesen's
+    ``half_to_float``): the kernels' conversion where :data:`HARDWARE_HALF` is False."""
+    h = np.uint32(np.uint16(x))
+    o = (h & np.uint32(0x7FFF)) << np.uint32(13)
+    exp = o & np.uint32(0x0F800000)
+    o = o + np.uint32(112 << 23) + np.uint32(112 << 23) * np.uint32(exp == np.uint32(0x0F800000))  # inf/NaN
+    subnormal = _bits_from_f32(_f32_from_bits(o + np.uint32(1 << 23)) - _f32_from_bits(np.uint32(113 << 23)))
+    is_sub = np.uint32(0) - np.uint32(exp == np.uint32(0))  # all ones for subnormals and zero
+    value = (subnormal & is_sub) | (o & ~is_sub)  # branch-free select
+    return _f32_from_bits(value | ((h & np.uint32(0x8000)) << np.uint32(16)))
+
+
+@njit(inline="always")
+def f16_store_soft(x):
+    """float32 rounded to nearest even float16 bits (int16) in integer arithmetic (F. Giesen's
+    ``float_to_half_rtne``; NaN becomes 0x7E00 with its sign)."""
+    u = _bits_from_f32(x)
+    sign = u & np.uint32(0x80000000)
+    a = u ^ sign
+    big = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)  # NaN / inf or overflow
+    magic = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)
+    small = _bits_from_f32(_f32_from_bits(a) + _f32_from_bits(magic)) - magic  # subnormal or zero
+    odd = (a >> np.uint32(13)) & np.uint32(1)
+    normal = (a + np.uint32(0xC8000FFF) + odd) >> np.uint32(13)  # ((15 - 127) << 23) + 0xfff, mod 2**32
+    o = big if a >= np.uint32((127 + 16) << 23) else (small if a < np.uint32(113 << 23) else normal)
+    return np.int16(np.uint16(o | (sign >> np.uint32(16))))
 
 
 def load(x):  # pragma: no cover - replaced by the overload below inside numba
@@ -105,17 +178,8 @@ def _load(x):
         return lambda x: x
     if x == types.uint16:  # bfloat16 bits: exact widening
         return lambda x: _f32_from_bits(np.uint32(x) << np.uint32(16))
-    if x == types.int16:  # float16 bits (branch-free widening, F. Giesen's half_to_float)
-        def f16(x):
-            h = np.uint32(np.uint16(x))
-            o = (h & np.uint32(0x7FFF)) << np.uint32(13)
-            exp = o & np.uint32(0x0F800000)
-            o = o + np.uint32(112 << 23) + np.uint32(112 << 23) * np.uint32(exp == np.uint32(0x0F800000))  # inf/NaN
-            subnormal = _bits_from_f32(_f32_from_bits(o + np.uint32(1 << 23)) - _f32_from_bits(np.uint32(113 << 23)))
-            is_sub = np.uint32(0) - np.uint32(exp == np.uint32(0))  # all ones for subnormals and zero
-            value = (subnormal & is_sub) | (o & ~is_sub)  # branch-free select
-            return _f32_from_bits(value | ((h & np.uint32(0x8000)) << np.uint32(16)))
-        return f16
+    if x == types.int16:  # float16 bits
+        return (lambda x: f16_load_hw(x)) if HARDWARE_HALF else (lambda x: f16_load_soft(x))
     return None
 
 
@@ -130,19 +194,8 @@ def _store(x, marker):
             nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
             return np.uint16(np.uint32(0x7FC0) if nan else rounded)  # one select on 32-bit lanes, then narrowed
         return bf16
-    if marker == types.int16:  # float32 -> float16, round to nearest even (F. Giesen's float_to_half_rtne)
-        def f16(x, marker):
-            u = _bits_from_f32(x)
-            sign = u & np.uint32(0x80000000)
-            a = u ^ sign
-            big = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)  # NaN / inf or overflow
-            magic = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)
-            small = _bits_from_f32(_f32_from_bits(a) + _f32_from_bits(magic)) - magic  # subnormal or zero
-            odd = (a >> np.uint32(13)) & np.uint32(1)
-            normal = (a + np.uint32(0xC8000FFF) + odd) >> np.uint32(13)  # ((15 - 127) << 23) + 0xfff, mod 2**32
-            o = big if a >= np.uint32((127 + 16) << 23) else (small if a < np.uint32(113 << 23) else normal)
-            return np.int16(np.uint16(o | (sign >> np.uint32(16))))
-        return f16
+    if marker == types.int16:  # float32 -> float16 bits, round to nearest even
+        return (lambda x, marker: f16_store_hw(x)) if HARDWARE_HALF else (lambda x, marker: f16_store_soft(x))
     return None
 
 
