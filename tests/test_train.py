@@ -123,9 +123,11 @@ def test_bench_runs_on_a_tiny_workload(tmp_path, monkeypatch, capsys):
     from mplamb import bench
 
     monkeypatch.setitem(bench.WORKLOADS, "tiny", lambda: [(64, 3), (5,), (1000,)])
-    result = bench.run(["tiny"], ["fp32", "bf16"], repeats=2, roof_elements=100_000)
+    result = bench.run(["tiny"], ["fp32", "bf16", "fp16"], repeats=2, roof_elements=100_000)
     names = {r["name"] for r in result["rows"]}
     assert "mplamb Lamb [reference]" in names and "torch AdamW (fused)" in names
+    assert {r["param_dtype"] for r in result["rows"] if r["setup"] == "fp16" and r["name"].startswith("mplamb")} \
+        == {"float16"}
     assert all(len(r["times"]) == 2 and r["median_s"] > 0 for r in result["rows"])
     assert "fraction of in-place roof" in bench.table(result)
     result["notes"].append("tiny: a peer timed out")
@@ -134,6 +136,8 @@ def test_bench_runs_on_a_tiny_workload(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["bench", "--workloads", "nope"]) == 2
     assert "unknown workload" in capsys.readouterr().err
+    assert cli.main(["bench", "--setups", "fp8"]) == 2
+    assert "unknown setup 'fp8' (choose from fp32, bf16, fp16)" in capsys.readouterr().err
 
 
 def test_bench_ratios_are_paired_by_round():

@@ -23,8 +23,8 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"--workloads: unknown workload {w!r} (choose from {', '.join(bench.WORKLOADS)})", file=sys.stderr)
             return 2
     for s in setups:
-        if s not in ("fp32", "bf16"):
-            print(f"--setups: unknown setup {s!r} (choose from fp32, bf16)", file=sys.stderr)
+        if s not in bench.SETUPS:
+            print(f"--setups: unknown setup {s!r} (choose from {', '.join(bench.SETUPS)})", file=sys.stderr)
             return 2
     if args.mxnet_python is not None and not pathlib.Path(args.mxnet_python).exists():
         print(f"--mxnet-python: {args.mxnet_python} does not exist (scripts/setup_mxnet.sh makes .venv-mxnet)",
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workloads", default="bert-base,one-50m,10k-small",
                        help="comma-separated: bert-base (199 tensors, 109.5M params), bert-large, one-50m, 10k-small")
     bench.add_argument("--setups", default="fp32,bf16",
-                       help="comma-separated: fp32 params, or bf16 params with fp32 master weights (peers stay fp32)")
+                       help="comma-separated: fp32 params, or bf16 / fp16 params with fp32 master weights (peers stay fp32)")
     bench.add_argument("--repeats", type=int, default=7, help="timed steps per optimizer (round-robin)")
     bench.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU: Triton backend, copy roof)")
     bench.add_argument("--mxnet-python", default=None, metavar="PYTHON",

@@ -28,7 +28,7 @@ from .workloads import WORKLOADS, numel
 LAMB_BYTES = 40  # two passes: fp32 (4+4+4+4 read, 4+4 written; 4+4+4 read, 4 written), mp likewise
 ADAMW_BYTES = 28  # one pass: grad, param, exp_avg, exp_avg_sq read; param and both moments written
 
-SETUPS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SETUPS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # mplamb params (+ fp32 masters)
 
 
 @dataclass
@@ -231,7 +231,7 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
             if isolated is not None:
                 cands.append((Row(wl, setup, OPTAX, "float32", times=list(isolated["times"]),
                                   warmup_s=isolated["warmup_s"], interleaved=False), None))
-            if mx_python is not None:  # MXNet has no bf16 LAMB: its float16 + float32-master route instead
+            if mx_python is not None:  # MXNet has no bf16 LAMB: its float16 + float32-master route for both
                 if progress:
                     progress(f"{wl}/{setup}: {MXNET}")
                 mx = run_mxnet(mx_python, shapes, repeats, setup != "fp32", notes, f"{wl}/{setup}")
