@@ -82,8 +82,8 @@ def _converts_half_in_hardware() -> bool:
     import numba
     from llvmlite import binding as llvm
 
-    if numba.config.CPU_NAME not in (None, "host"):  # portable code for another CPU: no feature is certain
-        return False
+    if numba.config.CPU_NAME not in (None, "host") or numba.config.CPU_FEATURES is not None:
+        return False  # code for another CPU, or features set by hand: F16C is not certain
     if platform.machine().lower() in ("aarch64", "arm64"):
         return True
     try:
