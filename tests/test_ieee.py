@@ -224,7 +224,7 @@ def test_half_stores_and_loads_round_as_torch_does(dtype, impl):
 
 
 def test_float16_is_converted_in_hardware_where_the_cpu_can():
-    """On x86 with F16C the kernels must use it (the integer conversion made float16 steps 1.8x slower)."""
+    """On x86 with F16C the kernels must use it (the integer conversion made float16 steps 1.7x slower)."""
     pytest.importorskip("numba")
     import platform
 
