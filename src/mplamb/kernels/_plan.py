@@ -141,25 +141,30 @@ def batch_addresses(batch: LambBatch, part: tuple, idx: List[int], stage: Stagin
     partition (key ``part`` of :func:`partition`).  ``w`` is the decay source (the master, or the
     weight); ``out`` equals ``w`` where the weight is updated in place.  ``noted`` is what the
     gradient pass left in the memo (``(grads, addresses)``): used only for this very list."""
-    n = len(batch.weights)
+    everything = len(idx) == len(batch.weights)
+
+    def pick(tensors: List) -> List:
+        return tensors if everything else [tensors[i] for i in idx]
+
     has_master = part[3]
     # the decay source is written with a master, or when the output is the weight itself (in place)
-    inplace = [not has_master and batch.outs[i] is batch.weights[i] for i in idx]
-    everything = len(idx) == n
-    means = batch.means if everything else [batch.means[i] for i in idx]
-    m_addr, sz = owned_addresses(("mean",) + part, means, stage, batch.memo)
-    v_addr, _ = owned_addresses(("var",) + part, batch.vars if everything else [batch.vars[i] for i in idx],
-                                stage, batch.memo)
     if has_master:
-        w_addr, _ = owned_addresses(("master",) + part, [batch.masters[i] for i in idx], stage, batch.memo)
+        inplace = [False] * len(idx)
+    elif batch.outs is batch.weights:  # the optimizer's batches: every weight updated in place
+        inplace = [True] * len(idx)
     else:
-        w_addr = addresses([batch.weights[i] for i in idx], stage, inplace)
-    outs = [batch.outs[i] for i in idx]
-    o_addr = w_addr if all(inplace) else np.where(inplace, w_addr, addresses(outs, stage))
+        inplace = [batch.outs[i] is batch.weights[i] for i in idx]
+    m_addr, sz = owned_addresses(("mean",) + part, pick(batch.means), stage, batch.memo)
+    v_addr, _ = owned_addresses(("var",) + part, pick(batch.vars), stage, batch.memo)
+    if has_master:
+        w_addr, _ = owned_addresses(("master",) + part, pick(batch.masters), stage, batch.memo)
+    else:
+        w_addr = addresses(pick(batch.weights), stage, inplace)
+    o_addr = w_addr if all(inplace) else np.where(inplace, w_addr, addresses(pick(batch.outs), stage))
     if everything and noted is not None and noted[0] is batch.grads:  # from this step's gradient pass
         g_addr = noted[1]
     else:
-        g_addr = addresses(batch.grads if everything else [batch.grads[i] for i in idx], stage, [False] * len(idx))
+        g_addr = addresses(pick(batch.grads), stage, [False] * len(idx))
     return w_addr, g_addr, m_addr, v_addr, o_addr, sz
 
 
