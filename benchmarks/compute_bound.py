@@ -25,6 +25,7 @@ import torch
 import mplamb
 from mplamb.kernels import fused_cpu
 
+ADAMW = "torch AdamW(fused) fp32"
 PASSES = {"grad_sumsq_pass": "grad norms", "phase1_pass": "phase 1", "phase2_inplace_pass": "phase 2",
           "phase2_master_pass": "phase 2"}
 
@@ -62,39 +63,40 @@ def measure(n: int, repeats: int, start_step: int, sink: Dict[str, float]) -> Di
     inner = max(1, int(2**22 // n))  # steps per timing: at least ~4M parameters' worth
     samples: Dict[str, Dict[str, List[float]]] = {}
 
-    def timed(key: str, step: Callable[[], None]) -> None:
+    def timed(key: str, fn: Callable[[], None], whole_step: bool = True) -> None:
+        """One round of ``fn`` into row ``key``: a whole step ("step", and mplamb's passes from the
+        wrapped kernels), or a kernel or op alone (its time is the row's "kernels")."""
         sink.clear()
         start = time.perf_counter()
         for _ in range(inner):
-            step()
+            fn()
+        seconds = (time.perf_counter() - start) / inner
         row = samples.setdefault(key, {})
-        if key.startswith(("torch AdamW", "mplamb")) and not key.endswith("kernel"):
-            row.setdefault("step", []).append((time.perf_counter() - start) / inner)
-        for label, seconds in sink.items():
-            row.setdefault(label, []).append(seconds / inner)
-        if sink and "kernels" not in sink:
+        if not whole_step:
+            row.setdefault("kernels", []).append(seconds)
+            return
+        row.setdefault("step", []).append(seconds)
+        for label, total in sink.items():
+            row.setdefault(label, []).append(total / inner)
+        if sink:
             row.setdefault("kernels", []).append(sum(sink.values()) / inner)
 
     (p,) = adamw.param_groups[0]["params"]
     st = adamw.state[p]
 
     def adamw_kernel() -> None:  # the fused kernel alone: what the "kernels" column means for AdamW
-        start = time.perf_counter()
         torch._fused_adamw_([p], [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["step"]], lr=1e-3,
                             beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
-        sink["kernels"] = sink.get("kernels", 0.0) + time.perf_counter() - start
 
     w, m, v = (torch.randn(n) * 1e-3 for _ in range(3))
 
     def pattern() -> None:  # phase 2's memory access pattern in one torch op: 3 streams read, 1 written in place
-        start = time.perf_counter()
         w.addcmul_(m, v, value=1e-9)
-        sink["kernels"] = sink.get("kernels", 0.0) + time.perf_counter() - start
 
     for _ in range(repeats):
-        timed("torch AdamW(fused) fp32", adamw.step)
-        timed("torch AdamW(fused) fp32 kernel", adamw_kernel)
-        timed("torch addcmul_ (phase 2's access pattern, fp32)", pattern)
+        timed(ADAMW, adamw.step)
+        timed(ADAMW, adamw_kernel, whole_step=False)
+        timed("torch addcmul_ (phase 2's access pattern, fp32)", pattern, whole_step=False)
         for dt, opt in lambs.items():
             timed("mplamb fused_cpu " + ("fp32" if dt == torch.float32 else "bf16 + fp32 masters"), opt.step)
     return {key: {q: statistics.median(v) / n * 1e9 for q, v in row.items()} for key, row in samples.items()}
@@ -118,9 +120,7 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(cols) + 2))
     for n in (int(s) for s in args.sizes):
         rows = measure(n, args.repeats, args.start_step, sink)
-        adamw = rows.pop("torch AdamW(fused) fp32 kernel")
-        rows["torch AdamW(fused) fp32"]["kernels"] = adamw["kernels"]
-        base = rows["torch AdamW(fused) fp32"]
+        base = rows[ADAMW]
         for key, row in rows.items():
             cells = " | ".join(f"{row[c]:.3f}" if c in row else "-" for c in cols)
             step_ratio = f"{row['step'] / base['step']:.2f}" if "step" in row else "-"
