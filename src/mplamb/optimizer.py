@@ -247,9 +247,9 @@ class Lamb(Optimizer):
                     self._reject_grad(p, grad)
                 dtype, gdtype = p.dtype, grad.dtype
                 if (work is not None and dtype is last_dtype and gdtype is last_gdtype and type(p) is last_type
-                        and (p.is_cpu and grad.is_cpu if last_index == -1 else _same_device_index(p, grad, last_index))):
-                    add_param(p)
-                    add_grad(grad)
+                        and _same_device_index(p, grad, last_index)):
+                    work.params.append(p)
+                    work.grads.append(grad)
                     continue
                 device = p.device
                 if grad.device != device or not gdtype.is_floating_point:
@@ -262,9 +262,8 @@ class Lamb(Optimizer):
                     work = works[key] = _Work(group=group, params=[], master=dtype in HALF_DTYPES and not no_master,
                                               group_pg=pg, dtensor=sharded, memo=self._memo.setdefault(key, {}),
                                               grads=[])
-                add_param, add_grad = work.params.append, work.grads.append
-                add_param(p)
-                add_grad(grad)
+                work.params.append(p)
+                work.grads.append(grad)
                 # the fast path above: plain tensors on the CPU or CUDA (a sharded one's group may differ)
                 fast = not sharded and device.type in ("cpu", "cuda")
                 last_dtype, last_gdtype, last_type = (dtype, gdtype, type(p)) if fast else (None, None, None)
