@@ -4,9 +4,10 @@ Hypothesis draws whole optimizers: one to three param groups of mixed dtypes (fp
 fp16 with or without masters, fp64) and shapes (0-d, empty, one element, odd, 2-D with
 transposed gradients, a few chunks long), each group with its own options (weight decay, bias
 correction, grad averaging, element clipping, rescale, trust-ratio bounds and cap, no layer
-adaptation, betas, eps, lr), global-norm clipping on top, steps started at t = 1 or just before
-the points where the kernels stop dividing by a bias correction (t = 356 and 17,321), and
-gradients of very different scales, some with an inf or NaN (the whole step is skipped).
+adaptation, betas, eps, lr), and on top global-norm clipping, a loss scale handed over as
+GradScaler hands it, steps started at t = 1 or just before the points where the kernels stop
+dividing by a bias correction (t = 356 and 17,321), and gradients of very different scales, some
+with an inf or NaN (the whole step is skipped).
 
 The rule compared after every step: when the backend's norms (``last_step_stats`` and the global
 gradient norm) are bit-identical to the reference's, its weights, masters, moments and step
@@ -63,6 +64,7 @@ configs = st.fixed_dictionaries({
     "bad_step": st.sampled_from([None, None, None, 0, 1]),
     "bad_value": st.sampled_from([math.inf, -math.inf, math.nan]),
     "transposed": st.booleans(),
+    "loss_scale": st.sampled_from([None, None, 1024.0, 0.125]),
 })
 
 
@@ -98,10 +100,16 @@ def _run(backend: str, cfg: Dict[str, Any]) -> List[Tuple[list, Dict[str, torch.
             opt.state[p]["step"] = cfg["start"] - 1
     record = []
     for grads in _gradients(cfg, [tuple(p.shape) for p in params]):
+        scale = cfg["loss_scale"]
         for p, x in zip(params, grads):
-            x = x.to(p.dtype)
+            x = (x if scale is None else x * scale).to(p.dtype)
             p.grad = x.t().contiguous().t() if cfg["transposed"] and x.dim() == 2 else x  # same values, strided
+        if scale is not None:  # as GradScaler.step hands them over (Lamb._step_supports_amp_scaling)
+            opt.grad_scale = torch.tensor(scale)
+            opt.found_inf = torch.tensor(0.0)
         opt.step()
+        if scale is not None:
+            del opt.grad_scale, opt.found_inf
         stats = opt.last_step_stats()
         norms = [opt.skipped_steps, opt.last_grad_norm] + [stats[k] for k in ("weight_norm", "update_norm")]
         tensors = {}
