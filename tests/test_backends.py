@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mplamb._scalars import phase1_scalars
-from mplamb.kernels import LambBatch, available_backends, get_backend
+from mplamb.kernels import LambBatch, available_backends, get_backend, plan_phase1
 
 OTHER = [b for b in available_backends("cpu") if b != "reference"]
 SHAPES = [(0,), (), (1,), (7,), (33, 17), (20000,), (3, 1, 5), (8193,)]
@@ -323,6 +323,33 @@ def test_backend_mixed_dtype_partitions(backend, dry):
     torch.testing.assert_close(fast.step_sizes, ref.step_sizes, rtol=1e-6, atol=0)
     for k, ((a, _), (b, _)) in enumerate(zip(tensors(ref_batch), tensors(fast_batch))):
         torch.testing.assert_close(b, a, rtol=RTOL[a.dtype], atol=1e-7, msg=f"tensor {k}")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dry", [False, True])
+def test_planned_phase1_writes_nothing_until_launched(backend, dry):
+    """``plan_phase1``: the preparation (the optimizer's, before its skip decision) writes nothing,
+    strided tensors and a float64 partition (delegated by Triton) included; launched, it is phase 1
+    bit for bit, and a plan that is never launched leaves the tensors as they were."""
+    def build_mixed():
+        return merged(*[build(seed=40 + k, weight_dtype=dt, master=ms, shapes=[(33,), (0,), (5, 3), (2500,)],
+                              layout="strided" if k % 2 else "contiguous") for k, (dt, ms) in enumerate(MIXED)])
+
+    impl = get_backend(backend)
+    planned, direct = build_mixed(), build_mixed()
+    before = [t.clone() for t, _ in tensors(planned)]
+    launch = plan_phase1(impl, planned, dry=dry)
+    plan_phase1(impl, build_mixed(), dry=dry)  # prepared, never launched (a skipped step)
+    for k, ((t, _), b) in enumerate(zip(tensors(planned), before)):
+        assert torch.equal(t, b), f"tensor {k} written before the launch"
+    p1, ref = launch(), impl.phase1_batch(direct, dry=dry)
+    assert p1.dry == dry
+    torch.testing.assert_close(p1.sumsq, ref.sumsq, rtol=0, atol=0)
+    steps = torch.full((len(planned.weights),), 1e-3, dtype=torch.float64)
+    impl.phase2_batch(planned, p1, steps)
+    impl.phase2_batch(direct, ref, steps)
+    for k, ((a, _), (b, _)) in enumerate(zip(tensors(direct), tensors(planned))):
+        assert_same(b, a, f"tensor {k}")
 
 
 @pytest.mark.parametrize("backend", OTHER)

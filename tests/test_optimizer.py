@@ -547,6 +547,52 @@ def test_a_skipped_first_step_creates_no_state(backend):
         assert torch.equal(p, b)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (run under TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("skipped", [False, True])
+def test_phase1_is_prepared_before_the_skip_decision_and_launched_after(monkeypatch, skipped):
+    """The host work of phase 1 (state, scalar rows, the Triton backend's address tables) comes before
+    the step's one host synchronisation, so that a GPU does not wait for it; the kernel comes after,
+    and a skipped step launches nothing and keeps no state it prepared."""
+    from mplamb import optimizer as optimizer_module
+    from mplamb.kernels import triton_gpu
+
+    events = []
+    real_skip, real_tables, real_kernel = optimizer_module.Lamb._skip, triton_gpu._launch, triton_gpu.K.phase1_kernel
+
+    def skip(self, bad, grad_norm):
+        events.append("skip decision")
+        return real_skip(self, bad, grad_norm)
+
+    def tables(*args):
+        events.append("tables")
+        return real_tables(*args)
+
+    class Kernel:
+        def __getitem__(self, grid):
+            events.append("phase-1 kernel")
+            return real_kernel[grid]
+
+    monkeypatch.setattr(optimizer_module.Lamb, "_skip", skip)
+    monkeypatch.setattr(triton_gpu, "_launch", tables)
+    monkeypatch.setattr(triton_gpu.K, "phase1_kernel", Kernel())
+    params = [torch.nn.Parameter(torch.randn(5, 3).to(torch.bfloat16)), torch.nn.Parameter(torch.randn(4))]
+    before = [p.detach().clone() for p in params]
+    opt = mplamb.Lamb(params, lr=0.02, weight_decay=0.01, backend="triton")
+    for p in params:
+        p.grad = torch.randn(p.shape).to(p.dtype)
+    if skipped:
+        params[1].grad[0] = float("nan")
+    opt.step()
+    assert events[events.index("skip decision") - 1] == "tables" and events.count("tables") == 2
+    if skipped:
+        assert "phase-1 kernel" not in events and opt.skipped_steps == 1
+        assert not any(opt.state[p] for p in params)
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+    else:
+        assert events[events.index("skip decision") + 1] == "phase-1 kernel"
+        assert all(opt.state[p]["step"] == 1 for p in params)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_interleaved_dtypes_in_one_group_step_as_if_alone(backend):
     """Parameters of several dtypes interleaved in one group are grouped by dtype (the collector's

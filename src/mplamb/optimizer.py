@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from ._scalars import Phase1Scalars, compute_dtype, phase1_scalars
 from ._validate import HALF_DTYPES, check_beta, check_real
 from .distributed import DTensor, all_reduce_sum, local, shard_group
-from .kernels import BACKENDS, LambBatch, StepResult, finish_norms, get_backend, local_reducer
+from .kernels import BACKENDS, LambBatch, StepResult, finish_norms, get_backend, local_reducer, plan_phase1
 
 __all__ = ["Lamb"]
 
@@ -369,7 +369,13 @@ class Lamb(Optimizer):
 
     def _step_plain(self, works: List[_Work], inv_scale: Optional[torch.Tensor], bad: torch.Tensor,
                     anchor: torch.device) -> None:
-        """Gradient norms (global clipping norm, finite check), then phase 1, norms, phase 2."""
+        """Gradient norms (global clipping norm, finite check), then phase 1, norms, phase 2.
+
+        Phase 1 is prepared (lazy state, scalar rows, the backends' address tables) *before* the
+        skip decision, the one host synchronisation of the step, and only launched after it: on
+        a GPU the host's per-tensor work then overlaps the gradient pass instead of leaving the
+        device idle.  A skipped step discards the preparation and the state it created.
+        """
         for w in works:
             w.grad_sumsq = w.backend.grad_sum_of_squares(w.grads, memo=w.memo)
         sumsqs = self._reduce(works, [w.grad_sumsq for w in works])
@@ -379,10 +385,14 @@ class Lamb(Optimizer):
             both = all_reduce_sum(torch.stack([total, bad]), pg)
             total, bad = both[0], both[1]
         grad_norm = torch.sqrt(total)
-        if self._skip(bad, grad_norm):
-            return
+        fresh = [p for w in works for p in w.params if not self.state[p]]
         batches = [self._batch(w, grad_norm, inv_scale) for w in works]
-        firsts = [w.backend.phase1_batch(b) for w, b in zip(works, batches)]
+        launches = [plan_phase1(w.backend, b) for w, b in zip(works, batches)]
+        if self._skip(bad, grad_norm):
+            for p in fresh:  # nothing was written; lazily created state goes too
+                del self.state[p]
+            return
+        firsts = [launch() for launch in launches]
         self._finish(works, batches, firsts, self._reduce(works, [p1.sumsq for p1 in firsts]))
 
     def _step_dry(self, works: List[_Work], inv_scale: Optional[torch.Tensor], bad: torch.Tensor,

@@ -9,6 +9,8 @@ A backend is a module with
 * ``grad_sum_of_squares(grads, memo=None) -> Tensor``: per-tensor float64 sums of squares of the
   raw gradients (the global-norm clipping and non-finite check read them; ``memo``: the batch
   memo, where a backend may leave what phase 1 of the same step can reuse);
+* optionally ``plan_phase1(batch, dry=False)``: phase 1's host preparation now, its launch when
+  the returned callable runs (the Triton backend; see :func:`.contract.plan_phase1`);
 * optionally ``supports_device(device) -> bool`` and ``AVAILABLE`` (False when an optional
   dependency such as numba or Triton is missing).
 
@@ -23,10 +25,10 @@ from typing import Dict, List
 
 import torch
 
-from .contract import LambBatch, NormReducer, Phase1Result, StepResult, finish_norms, local_reducer
+from .contract import LambBatch, NormReducer, Phase1Result, StepResult, finish_norms, local_reducer, plan_phase1
 
-__all__ = ["LambBatch", "NormReducer", "Phase1Result", "StepResult", "finish_norms", "local_reducer", "get_backend", "available_backends",
-           "BACKENDS", "resolve_backend_name"]
+__all__ = ["LambBatch", "NormReducer", "Phase1Result", "StepResult", "finish_norms", "local_reducer", "plan_phase1",
+           "get_backend", "available_backends", "BACKENDS", "resolve_backend_name"]
 
 # public name -> module of this package
 BACKENDS: Dict[str, str] = {

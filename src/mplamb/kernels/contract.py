@@ -13,6 +13,13 @@ and writes them with the weights.  The optimizer uses it for sharded parameters:
 all-reduce of all three rows then gives the trust ratios *and* the agreed non-finite skip
 before anything has been written, so a step costs a single collective.
 
+A backend may also split phase 1 into its host preparation and its launch:
+``plan_phase1(batch, dry=False)`` does the first (addresses, tables, uploads; nothing the
+step writes) and returns a callable that does the second.  The optimizer prepares phase 1
+before its one host synchronisation of a step (the non-finite skip) and launches it after,
+so on a GPU the device does not wait for the host's preparation; :func:`plan_phase1` falls
+back to ``phase1_batch`` for backends without the split.
+
 Between them the caller reduces the squared norms (identity on one process; one
 all-reduce of partial norms when tensors are shards, for every batch that shares a
 process group at once) and turns them into step sizes with :func:`finish_norms`.
@@ -31,7 +38,7 @@ import torch
 from .._scalars import Phase1Scalars, step_sizes
 
 __all__ = ["LambBatch", "StepResult", "Phase1Result", "NormReducer", "local_reducer", "step_sizes_for",
-           "finish_norms", "run_step"]
+           "finish_norms", "plan_phase1", "run_step"]
 
 NormReducer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -178,6 +185,16 @@ def finish_norms(batch: LambBatch, sumsq: torch.Tensor, reducer: NormReducer) ->
     sumsq = reducer(sumsq)
     both = step_sizes_for(batch, sumsq)
     return sumsq, both[0], both[1]
+
+
+def plan_phase1(backend: Any, batch: LambBatch, dry: bool = False) -> Callable[[], Phase1Result]:
+    """Phase 1 of ``batch`` on ``backend`` as a prepared launch: the backend's ``plan_phase1``
+    (host work done now, nothing written until the returned callable runs), or ``phase1_batch``
+    deferred whole."""
+    plan = getattr(backend, "plan_phase1", None)
+    if plan is not None:
+        return plan(batch, dry=dry)
+    return lambda: backend.phase1_batch(batch, dry=dry)
 
 
 def run_step(backend: Any, batch: LambBatch, reducer: NormReducer = local_reducer, *,

@@ -19,7 +19,7 @@ import contextlib
 import functools
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ try:
 except ImportError:  # triton is optional (extra "gpu")
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "supports_device", "phase1_batch", "phase2_batch", "lamb_step", "grad_sum_of_squares"]
+__all__ = ["AVAILABLE", "supports_device", "phase1_batch", "plan_phase1", "phase2_batch", "lamb_step",
+           "grad_sum_of_squares"]
 
 BLOCK = 1024  # elements per program (H200 sweep: benchmarks/gpu_kernels.py)
 NUM_WARPS = 4
@@ -112,39 +113,53 @@ def _device_of(batch: LambBatch) -> torch.device:
 
 def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
     """Phase 1 of every tensor (one launch per partition) and the local squared norms, reduced on the device."""
+    return plan_phase1(batch, dry=dry)()
+
+
+def plan_phase1(batch: LambBatch, dry: bool = False) -> Callable[[], Phase1Result]:
+    """Phase 1 prepared: every partition's addresses and scalar rows gathered and uploaded now (the
+    per-tensor host work); the returned callable launches the kernels (and steps the partitions
+    delegated to the reference).  Nothing the step writes is touched before it runs."""
     n = len(batch.weights)
     rows = 3 if dry else 2
     if n == 0:
-        return Phase1Result(torch.zeros(rows, 0, dtype=torch.float64), [], dry=dry)
+        return lambda: Phase1Result(torch.zeros(rows, 0, dtype=torch.float64), [], dry=dry)
     device = _device_of(batch)
     stage = Staging()
     noted = noted_gradient_addresses(batch)
     rescale = batch.rescale.to(device=device, dtype=torch.float32) if batch.rescale is not None else None
-    launches, parts = [], partition(batch)
-    sumsq = None
+    parts = partition(batch)
     with _on(device):
-        for part, idx in parts.items():
-            if _delegated(part):
-                sub = batch if len(parts) == 1 else batch.select(idx)
-                launch = _Delegated(idx, sub, reference.phase1_batch(sub, dry=dry))
-                part_sumsq = launch.p1.sumsq
-            else:
-                launch = _launch(batch, part, idx, stage, noted, device)
-                partial = torch.empty(max(launch.nblocks, 1), 3, dtype=torch.float64, device=device)
-                if launch.nblocks:
-                    K.phase1_kernel[(launch.nblocks,)](
-                        *launch.args(), launch.table if rescale is None else rescale, partial,
-                        W_KIND=launch.kinds[0], G_KIND=launch.kinds[1], RESCALE_FROM_PTR=rescale is not None,
-                        WRITE=not dry, BLOCK=BLOCK, **_options())
-                part_sumsq = _sum_blocks(partial, launch.first, len(idx), rows)
-            if len(parts) == 1:
-                sumsq = part_sumsq
-            else:
-                if sumsq is None:
-                    sumsq = torch.empty(rows, n, dtype=torch.float64, device=device)
-                sumsq[:, torch.as_tensor(idx, device=device)] = part_sumsq
-            launches.append(launch)
-    return Phase1Result(sumsq=sumsq, carry=(launches, stage, rescale), dry=dry)
+        prepared = [(idx, batch if len(parts) == 1 else batch.select(idx)) if _delegated(part)
+                    else (idx, _launch(batch, part, idx, stage, noted, device)) for part, idx in parts.items()]
+
+    def run() -> Phase1Result:
+        launches = []
+        sumsq = None
+        with _on(device):
+            for idx, item in prepared:
+                if isinstance(item, LambBatch):
+                    launch = _Delegated(idx, item, reference.phase1_batch(item, dry=dry))
+                    part_sumsq = launch.p1.sumsq
+                else:
+                    launch = item
+                    partial = torch.empty(max(launch.nblocks, 1), 3, dtype=torch.float64, device=device)
+                    if launch.nblocks:
+                        K.phase1_kernel[(launch.nblocks,)](
+                            *launch.args(), launch.table if rescale is None else rescale, partial,
+                            W_KIND=launch.kinds[0], G_KIND=launch.kinds[1], RESCALE_FROM_PTR=rescale is not None,
+                            WRITE=not dry, BLOCK=BLOCK, **_options())
+                    part_sumsq = _sum_blocks(partial, launch.first, len(idx), rows)
+                if len(prepared) == 1:
+                    sumsq = part_sumsq
+                else:
+                    if sumsq is None:
+                        sumsq = torch.empty(rows, n, dtype=torch.float64, device=device)
+                    sumsq[:, torch.as_tensor(idx, device=device)] = part_sumsq
+                launches.append(launch)
+        return Phase1Result(sumsq=sumsq, carry=(launches, stage, rescale), dry=dry)
+
+    return run
 
 
 def _launch(batch: LambBatch, part: tuple, idx: List[int], stage: Staging, noted: Optional[tuple],
