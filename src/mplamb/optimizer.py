@@ -83,6 +83,7 @@ class _Work:
     states: List[Dict[str, Any]] = None  # type: ignore[assignment]
     memo: Optional[Dict[str, Any]] = None  # the backend's memo for this work's state tensors (LambBatch.memo)
     grads: List[torch.Tensor] = None  # type: ignore[assignment]  # this step's gradients (local shards), one list
+    fresh: List[torch.Tensor] = None  # type: ignore[assignment]  # the parameters whose state this step created
 
 
 def _same_device_index(p: torch.Tensor, grad: torch.Tensor, index: int) -> bool:
@@ -385,15 +386,19 @@ class Lamb(Optimizer):
             both = all_reduce_sum(torch.stack([total, bad]), pg)
             total, bad = both[0], both[1]
         grad_norm = torch.sqrt(total)
-        fresh = [p for w in works for p in w.params if not self.state[p]]
         batches = [self._batch(w, grad_norm, inv_scale) for w in works]
         launches = [plan_phase1(w.backend, b) for w, b in zip(works, batches)]
         if self._skip(bad, grad_norm):
-            for p in fresh:  # nothing was written; lazily created state goes too
-                del self.state[p]
+            self._drop_fresh_state(works)
             return
         firsts = [launch() for launch in launches]
         self._finish(works, batches, firsts, self._reduce(works, [p1.sumsq for p1 in firsts]))
+
+    def _drop_fresh_state(self, works: List[_Work]) -> None:
+        """A skipped step wrote nothing: the state its batches created lazily goes too."""
+        for w in works:
+            for p in w.fresh:
+                del self.state[p]
 
     def _step_dry(self, works: List[_Work], inv_scale: Optional[torch.Tensor], bad: torch.Tensor,
                   anchor: torch.device) -> None:
@@ -403,14 +408,12 @@ class Lamb(Optimizer):
         the reduced gradient norm says it does, the groups that clip run their dry phase 1 again
         with the clip factor and their norms take a second all-reduce.
         """
-        fresh = [p for w in works for p in w.params if not self.state[p]]
         batches = [self._batch(w, None, inv_scale) for w in works]
         firsts = [w.backend.phase1_batch(b, dry=True) for w, b in zip(works, batches)]
         reduced = self._reduce(works, [p1.sumsq for p1 in firsts])
         grad_norm = torch.sqrt(self._global_grad_sumsq(works, [r[2] for r in reduced], inv_scale, anchor))
         if self._skip(bad, grad_norm):
-            for p in fresh:  # nothing was written; lazily created state goes too
-                del self.state[p]
+            self._drop_fresh_state(works)
             return
         reduced = [r[:2] for r in reduced]
         limits = [w.group["max_grad_norm"] for w in works]
@@ -442,9 +445,9 @@ class Lamb(Optimizer):
         beta1, beta2 = group["betas"]
         clip = group["clip_gradient"]
         states = work.states = [self.state[p] for p in work.params]
-        for p, st in zip(work.params, states):
-            if not st:  # lazy state, created on a parameter's first applied step
-                self._init_state(p, st, work.master)
+        work.fresh = [p for p, st in zip(work.params, states) if not st]
+        for p in work.fresh:  # lazy state, created on a parameter's first applied step
+            self._init_state(p, self.state[p], work.master)
         steps = [st["step"] + 1 for st in states]
         cdtype = torch.float32 if work.master else compute_dtype(work.params[0].dtype)
         table: Dict[int, Phase1Scalars] = {
