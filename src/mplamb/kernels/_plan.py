@@ -147,20 +147,18 @@ def batch_addresses(batch: LambBatch, part: tuple, idx: List[int], stage: Stagin
         return tensors if everything else [tensors[i] for i in idx]
 
     has_master = part[3]
-    # the decay source is written with a master, or when the output is the weight itself (in place)
-    if has_master:
-        inplace = [False] * len(idx)
-    elif batch.outs is batch.weights:  # the optimizer's batches: every weight updated in place
-        inplace = [True] * len(idx)
-    else:
-        inplace = [batch.outs[i] is batch.weights[i] for i in idx]
     m_addr, sz = owned_addresses(("mean",) + part, pick(batch.means), stage, batch.memo)
     v_addr, _ = owned_addresses(("var",) + part, pick(batch.vars), stage, batch.memo)
-    if has_master:
+    if has_master:  # masters: the master is the decay source, read and written; the weights are outputs only
         w_addr, _ = owned_addresses(("master",) + part, pick(batch.masters), stage, batch.memo)
-    else:
+        o_addr = addresses(pick(batch.outs), stage)
+    else:  # the weight is the decay source, written where it is its own output (in place)
+        if batch.outs is batch.weights:  # the optimizer's batches: every weight updated in place
+            inplace = [True] * len(idx)
+        else:
+            inplace = [batch.outs[i] is batch.weights[i] for i in idx]
         w_addr = addresses(pick(batch.weights), stage, inplace)
-    o_addr = w_addr if all(inplace) else np.where(inplace, w_addr, addresses(pick(batch.outs), stage))
+        o_addr = w_addr if all(inplace) else np.where(inplace, w_addr, addresses(pick(batch.outs), stage))
     if everything and noted is not None and noted[0] is batch.grads:  # from this step's gradient pass
         g_addr = noted[1]
     else:
