@@ -21,10 +21,11 @@ operands, which a float64 evaluation followed by one rounding reproduces exactly
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -35,6 +36,9 @@ __all__ = [
     "phase1_scalars",
     "active_bound",
     "step_sizes",
+    "bias_corrections",
+    "bias_table",
+    "BIAS_TABLE_MAX_ROWS",
 ]
 
 _F32 = struct.Struct("<f")
@@ -103,10 +107,7 @@ def phase1_scalars(
     clip = f32(clip_gradient)
     bias1 = bias2 = None
     if bias_correction:
-        b1t = _round_to(math.pow(b1, t), dtype)
-        b2t = _round_to(math.pow(b2, t), dtype)
-        bias1 = 1.0 - b1t
-        bias2 = _round_to(1.0 - b2t, dtype)
+        bias1, bias2 = bias_corrections(b1, b2, t, dtype)
     return Phase1Scalars(
         rescale=f32(rescale_grad),
         clip=clip if clip > 0 else None,
@@ -119,6 +120,45 @@ def phase1_scalars(
         bias1=bias1,
         bias2=bias2,
     )
+
+
+def bias_corrections(b1: float, b2: float, t: int, dtype: torch.dtype) -> Tuple[float, float]:
+    """``(bias1, bias2)`` of step ``t`` for float32-rounded betas ``b1``, ``b2`` (module docstring)."""
+    b1t = _round_to(math.pow(b1, t), dtype)
+    b2t = _round_to(math.pow(b2, t), dtype)
+    return 1.0 - b1t, _round_to(1.0 - b2t, dtype)
+
+
+BIAS_TABLE_MAX_ROWS = 1 << 20
+
+
+@functools.lru_cache(maxsize=32)
+def bias_table(beta1: float, beta2: float, bias_correction: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The bias corrections of every step, for steps whose count lives on the device (capturable steps).
+
+    A ``(T + 1, 4)`` float64 CPU tensor whose row ``t`` holds ``(bias1, bias2, 1/bias1, 1/bias2)`` of
+    step ``t`` (:func:`phase1_scalars`; row 0 is unused), where ``T`` is the first step from which
+    the row no longer changes (``beta**t`` has vanished in the compute dtype: ``T = 356`` for
+    ``beta1 = 0.9``, about 17,320 for ``beta2 = 0.999`` in float32), so step ``t`` reads row
+    ``min(t, T)`` exactly.  Without bias correction the table is one row of zeros (``bias1 = 0``:
+    no correction).  Raises ``ValueError`` when betas this close to 1 would need more than
+    :data:`BIAS_TABLE_MAX_ROWS` rows.
+    """
+    if not bias_correction:
+        return torch.zeros(1, 4, dtype=torch.float64)
+    b1, b2 = f32(beta1), f32(beta2)
+    rows = [(0.0, 0.0, 0.0, 0.0)]
+    t = 1
+    while True:
+        bias1, bias2 = bias_corrections(b1, b2, t, dtype)
+        rows.append((bias1, bias2, 1.0 / bias1, 1.0 / bias2))
+        if bias1 == 1.0 and bias2 == 1.0:
+            return torch.tensor(rows, dtype=torch.float64)
+        t += 1
+        if t >= BIAS_TABLE_MAX_ROWS:
+            raise ValueError(f"betas: ({beta1}, {beta2}) keep changing the bias corrections beyond step "
+                             f"{BIAS_TABLE_MAX_ROWS}, the longest table a capturable step keeps on the device; "
+                             "use capturable=False")
 
 
 def active_bound(bound: Optional[float]) -> Optional[float]:

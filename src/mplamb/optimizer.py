@@ -7,16 +7,18 @@ the ``state_dict`` policy.  It contains no elementwise math: every step is one
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.optim import Optimizer
 
-from ._scalars import Phase1Scalars, compute_dtype, phase1_scalars
+from ._scalars import Phase1Scalars, bias_table, compute_dtype, phase1_scalars
 from ._validate import HALF_DTYPES, check_beta, check_real
 from .distributed import DTensor, all_reduce_sum, local, shard_group
-from .kernels import BACKENDS, LambBatch, StepResult, finish_norms, get_backend, local_reducer, plan_phase1
+from .kernels import (BACKENDS, DeviceScalars, LambBatch, StepResult, capturable_backend_name, finish_norms,
+                      get_backend, local_reducer, plan_phase1)
 
 __all__ = ["Lamb"]
 
@@ -59,9 +61,9 @@ def check_group(group: Dict[str, Any]) -> None:
     for name in ("lower_bound", "upper_bound"):
         _check_optional_positive(name, group[name], " (use None for no bound)")
     _check_optional_positive("max_trust_ratio", group["max_trust_ratio"])
-    mw = group["master_weights"]
-    if mw is not None and not isinstance(mw, bool):
-        raise TypeError(f"master_weights: expected None or a bool, got {type(mw).__name__}")
+    for name in ("master_weights", "capturable"):
+        if group[name] is not None and not isinstance(group[name], bool):
+            raise TypeError(f"{name}: expected None or a bool, got {type(group[name]).__name__}")
     backend = group["backend"]
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
@@ -84,6 +86,28 @@ class _Work:
     memo: Optional[Dict[str, Any]] = None  # the backend's memo for this work's state tensors (LambBatch.memo)
     grads: List[torch.Tensor] = None  # type: ignore[assignment]  # this step's gradients (local shards), one list
     fresh: List[torch.Tensor] = None  # type: ignore[assignment]  # the parameters whose state this step created
+    capturable: bool = False  # step counts, lr and the skip decision on the device (no host synchronisation)
+
+
+def _step_counts_as(states: List[Dict[str, Any]], capturable: bool, device: torch.device, memo: Dict[str, Any]) -> None:
+    """Every ``state["step"]`` in the form its work steps with: an int, or (capturable) a 0-d float32
+    tensor on ``device`` (a state loaded or made in the other form is converted once; the counts
+    found right are remembered in ``memo``, so a step checks them without a per-tensor Python loop)."""
+    counts = [st["step"] for st in states]
+    if not capturable:
+        if not all(type(c) is int for c in counts):
+            for st in states:
+                if isinstance(st["step"], torch.Tensor):
+                    st["step"] = int(st["step"].item())
+        return
+    held = memo.get("step_counts")
+    if held is not None and len(held) == len(counts) and all(map(operator.is_, held, counts)):
+        return
+    for st in states:
+        s = st["step"]
+        if not isinstance(s, torch.Tensor) or s.device != device or s.dtype != torch.float32 or s.dim():
+            st["step"] = torch.tensor(float(s), dtype=torch.float32, device=device)
+    memo["step_counts"] = [st["step"] for st in states]
 
 
 def _same_device_index(p: torch.Tensor, grad: torch.Tensor, index: int) -> bool:
@@ -141,6 +165,14 @@ class Lamb(Optimizer):
             (the half weight is updated directly; moments stay fp32); ``True``: as ``None``.
         backend: ``"auto"`` (fastest available for the device), ``"reference"`` or another name in
             :data:`mplamb.kernels.BACKENDS`.
+        capturable: ``True``: the step makes no host synchronisation and can be captured in a CUDA
+            graph: the non-finite skip is decided on the device (the kernels read the flag and write
+            nothing when it is set), step counts and bias corrections live on the device, and the lr
+            is read from a device tensor each step (pass ``lr=torch.tensor(..., device="cuda")`` and
+            let the scheduler fill it in place to schedule a captured step).  ``None`` (default):
+            ``True`` on CUDA, ``False`` elsewhere.  Needs a capturable backend (``triton``,
+            ``reference``); a step skipped on the device keeps the state it created lazily (zeros,
+            step 0), which is the same as none.
         process_group: for plain tensors sharded by the user (every process holds a part of every
             parameter): the group over which partial norms are summed.  DTensor parameters (FSDP2)
             need nothing: their mesh says it.
@@ -150,14 +182,16 @@ class Lamb(Optimizer):
             optimizer_class=Lamb, partition_group="world")``, which copies its keyword arguments into
             param groups that must stay picklable (or set ``zero.optim.partition_group = group``).
 
-    State (``opt.state[p]``): ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v), and
+    State (``opt.state[p]``): ``step`` (int; a 0-d float32 tensor on the parameter's device when
+    capturable), ``exp_avg`` (m), ``exp_avg_sq`` (v), and
     ``master_weight`` (fp32) for parameters with a master.  Moments are fp32 for half parameters.
 
     Loss scaling: works with ``torch.amp.GradScaler`` (``scaler.step(opt)``); the optimizer takes
     the scale into its kernels (the ``.grad`` tensors are never modified by it) and clips after
     unscaling.  A step with any non-finite gradient is skipped entirely: parameters, masters,
     moments and step counts stay bitwise unchanged and :attr:`skipped_steps` counts it.  The
-    decision costs one host synchronisation per step (free on CPU).
+    decision costs one host synchronisation per step (free on CPU), none when capturable (then
+    :attr:`skipped_steps` and :attr:`last_grad_norm` are device tensors until read).
 
     Example:
         >>> model = torch.nn.Linear(4, 2).to(torch.bfloat16)
@@ -189,6 +223,7 @@ class Lamb(Optimizer):
         layer_adaptation: bool = True,
         master_weights: Optional[bool] = None,
         backend: str = "auto",
+        capturable: Optional[bool] = None,
         process_group: Optional[Any] = None,
         partition_group: Optional[Any] = None,
     ) -> None:
@@ -198,15 +233,41 @@ class Lamb(Optimizer):
             max_grad_norm=max_grad_norm, clip_gradient=clip_gradient, rescale_grad=rescale_grad,
             lower_bound=lower_bound, upper_bound=upper_bound, max_trust_ratio=max_trust_ratio,
             layer_adaptation=layer_adaptation, master_weights=master_weights, backend=backend,
+            capturable=capturable,
         )
         check_group(defaults)
         self.process_group = process_group
         self.partition_group = partition_group
-        self.skipped_steps = 0
+        self._init_counters()
+        super().__init__(params, defaults)
+
+    def _init_counters(self) -> None:
+        self._skipped = 0  # skips decided on the host
+        self._skipped_on_device: Optional[torch.Tensor] = None  # skips decided on the device (capturable steps)
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._last: List[Tuple[List[torch.Tensor], StepResult]] = []
         self._memo: Dict[tuple, Dict[str, Any]] = {}  # per work key: backends' memo of the state tensors
-        super().__init__(params, defaults)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("capturable", None)
+        if not hasattr(self, "_memo"):  # torch's __getstate__ keeps only defaults, state and param_groups
+            self.process_group = getattr(self, "process_group", None)
+            self.partition_group = getattr(self, "partition_group", None)
+            self._init_counters()
+
+    @property
+    def skipped_steps(self) -> Any:
+        """Steps skipped for a non-finite gradient: an int, or a 0-d int64 device tensor once capturable
+        steps have run (reading it, e.g. ``int(opt.skipped_steps)``, waits for the device)."""
+        if self._skipped_on_device is None:
+            return self._skipped
+        return self._skipped_on_device + self._skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped, self._skipped_on_device = int(value), None
 
     # ------------------------------------------------------------------ groups
 
@@ -271,10 +332,26 @@ class Lamb(Optimizer):
                 last_index = -1 if device.type == "cpu" else device.index
         out = list(works.values())
         for w in out:
-            w.backend = get_backend(w.group["backend"], w.params[0].device)
+            self._choose_backend(w)
             if w.dtensor:  # the kernels see local shards
                 w.grads = [local(g) for g in w.grads]
         return out
+
+    @staticmethod
+    def _choose_backend(work: _Work) -> None:
+        """The work's backend, and whether it steps capturably (``capturable`` None: on CUDA, where a
+        capturable backend exists)."""
+        name, device = work.group["backend"], work.params[0].device
+        wanted = work.group["capturable"]
+        if wanted is False or (wanted is None and device.type != "cuda"):
+            work.backend = get_backend(name, device)
+            return
+        chosen = capturable_backend_name(name, device)
+        if chosen is None and wanted:
+            raise ValueError(f"capturable=True: backend {name!r} on {device} reads its step counts on the host; "
+                             "use backend='triton' or 'reference', or capturable=False")
+        work.capturable = chosen is not None
+        work.backend = get_backend(chosen or name, device)
 
     @staticmethod
     def _reject_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -288,8 +365,8 @@ class Lamb(Optimizer):
         raise TypeError(f"grad: expected a floating-point gradient, got {grad.dtype}")
 
     @staticmethod
-    def _init_state(p: torch.Tensor, state: Dict[str, Any], master: bool) -> None:
-        state["step"] = 0
+    def _init_state(p: torch.Tensor, state: Dict[str, Any], master: bool, capturable: bool) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if capturable else 0
         moment_dtype = torch.float32 if p.dtype in HALF_DTYPES else p.dtype
         state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
@@ -361,12 +438,33 @@ class Lamb(Optimizer):
             total = total * inv_scale.to(anchor) ** 2
         return total
 
-    def _skip(self, bad: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        if bool((bad > 0) | ~torch.isfinite(grad_norm)):  # the one host synchronisation of a step
-            self.skipped_steps += 1
+    def _skip(self, works: List[_Work], bad: torch.Tensor, grad_norm: torch.Tensor, skip: torch.Tensor) -> bool:
+        """Whether the step is skipped, decided on the host (the one host synchronisation of a step),
+        or, when every work is capturable, counted on the device (returns False: the kernels skip)."""
+        if all(w.capturable for w in works):
+            self._count_on_device(skip, grad_norm)
+            return False
+        if bool(skip):
+            self._skipped += 1
             return True
         self.last_grad_norm = grad_norm
         return False
+
+    def _count_on_device(self, skip: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """``skipped_steps`` and ``last_grad_norm`` updated in place on the device (a captured graph
+        replays the update on the same tensors)."""
+        if self._skipped_on_device is None or self._skipped_on_device.device != skip.device:
+            self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=skip.device)
+        self._skipped_on_device.add_(skip.to(torch.int64))
+        last = self.last_grad_norm
+        if last is None or last.device != grad_norm.device or last.dtype != grad_norm.dtype:
+            self.last_grad_norm = last = torch.zeros_like(grad_norm)
+        last.copy_(torch.where(skip, last, grad_norm))
+
+    @staticmethod
+    def _skip_flag(bad: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """The device's skip decision: a non-finite gradient anywhere (0-d bool)."""
+        return (bad > 0) | ~torch.isfinite(grad_norm)
 
     def _step_plain(self, works: List[_Work], inv_scale: Optional[torch.Tensor], bad: torch.Tensor,
                     anchor: torch.device) -> None:
@@ -386,9 +484,10 @@ class Lamb(Optimizer):
             both = all_reduce_sum(torch.stack([total, bad]), pg)
             total, bad = both[0], both[1]
         grad_norm = torch.sqrt(total)
-        batches = [self._batch(w, grad_norm, inv_scale) for w in works]
+        skip = self._skip_flag(bad, grad_norm)
+        batches = [self._batch(w, grad_norm, inv_scale, skip) for w in works]
         launches = [plan_phase1(w.backend, b) for w, b in zip(works, batches)]
-        if self._skip(bad, grad_norm):
+        if self._skip(works, bad, grad_norm, skip):
             self._drop_fresh_state(works)
             return
         firsts = [launch() for launch in launches]
@@ -406,24 +505,27 @@ class Lamb(Optimizer):
 
         With ``max_grad_norm``, phase 1 first assumes that clipping does not clip (factor 1); when
         the reduced gradient norm says it does, the groups that clip run their dry phase 1 again
-        with the clip factor and their norms take a second all-reduce.
+        with the clip factor and their norms take a second all-reduce.  Capturable steps cannot ask
+        the host: their groups with ``max_grad_norm`` always take the second pass.
         """
-        batches = [self._batch(w, None, inv_scale) for w in works]
+        skip = torch.zeros((), dtype=torch.bool, device=anchor)  # decided after the all-reduce, read in phase 2
+        batches = [self._batch(w, None, inv_scale, skip) for w in works]
         firsts = [w.backend.phase1_batch(b, dry=True) for w, b in zip(works, batches)]
         reduced = self._reduce(works, [p1.sumsq for p1 in firsts])
         grad_norm = torch.sqrt(self._global_grad_sumsq(works, [r[2] for r in reduced], inv_scale, anchor))
-        if self._skip(bad, grad_norm):
+        skip.copy_(self._skip_flag(bad, grad_norm))
+        if self._skip(works, bad, grad_norm, skip):
             self._drop_fresh_state(works)
             return
         reduced = [r[:2] for r in reduced]
         limits = [w.group["max_grad_norm"] for w in works]
         if any(m is not None for m in limits):
-            clipped = [i for i, m in enumerate(limits)
-                       if m is not None and bool(grad_norm > m)]  # host syncs (free on CPU): few groups
+            clipped = [i for i, m in enumerate(limits)  # host syncs (free on CPU): few groups
+                       if m is not None and (works[i].capturable or bool(grad_norm > m))]
             if clipped:
                 sub = [works[i] for i in clipped]
                 for i in clipped:
-                    batches[i] = self._batch(works[i], grad_norm, inv_scale)
+                    batches[i] = self._batch(works[i], grad_norm, inv_scale, skip)
                     firsts[i] = works[i].backend.phase1_batch(batches[i], dry=True)
                 for i, r in zip(clipped, self._reduce(sub, [firsts[i].sumsq[:2] for i in clipped])):
                     reduced[i] = r
@@ -434,12 +536,14 @@ class Lamb(Optimizer):
         self._last = []
         for w, batch, p1, sumsq in zip(works, batches, firsts, reduced):
             sumsq, steps, ratios = finish_norms(batch, sumsq, local_reducer)
-            w.backend.phase2_batch(batch, p1, steps)
-            for st in w.states:
-                st["step"] += 1
+            w.backend.phase2_batch(batch, p1, steps)  # (capturable: it advances the device step counts)
+            if not w.capturable:
+                for st in w.states:
+                    st["step"] += 1
             self._last.append((w.params, StepResult(sumsq=sumsq, step_sizes=steps, trust_ratios=ratios)))
 
-    def _batch(self, work: _Work, grad_norm: Optional[torch.Tensor], inv_scale: Optional[torch.Tensor]) -> LambBatch:
+    def _batch(self, work: _Work, grad_norm: Optional[torch.Tensor], inv_scale: Optional[torch.Tensor],
+               skip: torch.Tensor) -> LambBatch:
         group = work.group
         device = work.params[0].device
         beta1, beta2 = group["betas"]
@@ -447,8 +551,10 @@ class Lamb(Optimizer):
         states = work.states = [self.state[p] for p in work.params]
         work.fresh = [p for p, st in zip(work.params, states) if not st]
         for p in work.fresh:  # lazy state, created on a parameter's first applied step
-            self._init_state(p, self.state[p], work.master)
-        steps = [st["step"] + 1 for st in states]
+            self._init_state(p, self.state[p], work.master, work.capturable)
+        _step_counts_as(states, work.capturable, device, work.memo)
+        # capturable: the counts stay on the device, and with them the bias corrections (bias_table)
+        steps = [1] * len(states) if work.capturable else [st["step"] + 1 for st in states]
         cdtype = torch.float32 if work.master else compute_dtype(work.params[0].dtype)
         table: Dict[int, Phase1Scalars] = {
             t: phase1_scalars(t=t, wd=group["weight_decay"], beta1=beta1, beta2=beta2, epsilon=group["eps"],
@@ -475,14 +581,36 @@ class Lamb(Optimizer):
                 factor = factor * torch.where(gn > max_norm, max_norm / gn, torch.ones_like(gn))
             rescale = factor.to(cdtype)
         lr = group["lr"]
-        lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+        on_device = None
+        if work.capturable:
+            on_device = DeviceScalars(
+                steps=[st["step"] for st in states], skip=skip.to(device),
+                bias=self._bias_on_device(work, cdtype),
+                lr=(lr.to(device, torch.float64, non_blocking=True) if isinstance(lr, torch.Tensor)
+                    else torch.full((), float(lr), dtype=torch.float64, device=device)).reshape(()))
+            lr = 0.0  # (read from on_device.lr)
+        else:
+            lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
         return LambBatch(
             weights=weights, grads=grads, means=means, vars=vars_,
             masters=masters, outs=weights, scalars=scalars, lrs=[lr] * len(work.params),
             adapt=None if group["layer_adaptation"] else [False] * len(work.params),
             lower_bound=group["lower_bound"], upper_bound=group["upper_bound"],
             max_trust_ratio=group["max_trust_ratio"], rescale=rescale, uniform=True, memo=work.memo,
+            on_device=on_device,
         )
+
+    @staticmethod
+    def _bias_on_device(work: _Work, cdtype: torch.dtype) -> torch.Tensor:
+        """The group's bias-correction table (:func:`mplamb._scalars.bias_table`) on the work's device,
+        uploaded once per (betas, bias_correction, dtype) and kept in the work's memo."""
+        g = work.group
+        key = (tuple(g["betas"]), g["bias_correction"], cdtype)
+        held = work.memo.get("bias_table")
+        if held is None or held[0] != key:
+            table = bias_table(float(g["betas"][0]), float(g["betas"][1]), g["bias_correction"], cdtype)
+            held = work.memo["bias_table"] = (key, table.to(work.params[0].device))
+        return held[1]
 
     # ------------------------------------------------------------------ telemetry
 
@@ -525,7 +653,7 @@ class Lamb(Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """``torch.optim`` state dict plus ``"mplamb": {"skipped_steps": n}``; masters included."""
         sd = super().state_dict()
-        sd["mplamb"] = {"skipped_steps": self.skipped_steps}
+        sd["mplamb"] = {"skipped_steps": int(self.skipped_steps)}
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -568,6 +696,6 @@ class Lamb(Optimizer):
             for k, v in st.items():
                 if isinstance(v, torch.Tensor) and k != "step":
                     self.state[p][k] = v.detach().to(device=p.device, copy=True)
-                elif k == "step":
-                    self.state[p][k] = int(v)
+                elif k == "step":  # (the form a step needs is made at that step: _step_counts_as)
+                    self.state[p][k] = v.detach().clone() if isinstance(v, torch.Tensor) else int(v)
         self.skipped_steps = int(extra.get("skipped_steps", 0))

@@ -11,6 +11,8 @@ A backend is a module with
   memo, where a backend may leave what phase 1 of the same step can reuse);
 * optionally ``plan_phase1(batch, dry=False)``: phase 1's host preparation now, its launch when
   the returned callable runs (the Triton backend; see :func:`.contract.plan_phase1`);
+* optionally ``CAPTURABLE = True``: it steps capturable batches (``batch.on_device``: step counts,
+  lr and the skip flag in device tensors) without any host synchronisation (reference, triton);
 * optionally ``supports_device(device) -> bool`` and ``AVAILABLE`` (False when an optional
   dependency such as numba or Triton is missing).
 
@@ -25,10 +27,10 @@ from typing import Dict, List
 
 import torch
 
-from .contract import LambBatch, NormReducer, Phase1Result, StepResult, finish_norms, local_reducer, plan_phase1
+from .contract import DeviceScalars, LambBatch, NormReducer, Phase1Result, StepResult, finish_norms, local_reducer, plan_phase1
 
-__all__ = ["LambBatch", "NormReducer", "Phase1Result", "StepResult", "finish_norms", "local_reducer", "plan_phase1",
-           "get_backend", "available_backends", "BACKENDS", "resolve_backend_name"]
+__all__ = ["DeviceScalars", "LambBatch", "NormReducer", "Phase1Result", "StepResult", "finish_norms", "local_reducer", "plan_phase1",
+           "get_backend", "capturable_backend_name", "available_backends", "BACKENDS", "resolve_backend_name"]
 
 # public name -> module of this package
 BACKENDS: Dict[str, str] = {
@@ -82,6 +84,18 @@ def resolve_backend_name(name: str = "auto", device: torch.device | str = "cpu")
         raise ValueError(f"backend: {name!r} is not available for device {dev} in this environment "
                          f"(available: {available_backends(dev)})")
     return name
+
+
+def capturable_backend_name(name: str = "auto", device: torch.device | str = "cpu") -> str | None:
+    """The backend :func:`resolve_backend_name` picks for a capturable step: ``name`` if it is capturable,
+    for ``"auto"`` the first capturable backend in the device's order; ``None`` when there is none."""
+    if name == "auto":
+        for cand in _AUTO_ORDER.get(torch.device(device).type, ["reference"]) + ["reference"]:
+            if _runs_on(cand, torch.device(device)) and getattr(_module(cand), "CAPTURABLE", False):
+                return cand
+        return None
+    resolved = resolve_backend_name(name, device)
+    return resolved if getattr(_module(resolved), "CAPTURABLE", False) else None
 
 
 def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> ModuleType:

@@ -25,6 +25,13 @@ all-reduce of partial norms when tensors are shards, for every batch that shares
 process group at once) and turns them into step sizes with :func:`finish_norms`.
 :func:`run_step` composes the three for a single batch; it is each backend's ``lamb_step``.
 
+A *capturable* batch (``batch.on_device``, a :class:`DeviceScalars`) takes the scalars that
+change from step to step from device tensors instead of the host: each tensor's step count
+(and from it the bias corrections), the learning rate, and a skip flag with which the whole
+step writes nothing (moments, weights, masters, outputs and counts stay bitwise as they were).
+Phase 2 of such a batch also advances the step counts.  Nothing in such a step waits for the
+device, so it can be captured in a CUDA graph.
+
 Inputs are validated by the caller (``mplamb.ops`` or ``mplamb.Lamb``) before a
 backend is called; backends never validate and never allocate state.
 """
@@ -37,7 +44,7 @@ import torch
 
 from .._scalars import Phase1Scalars, step_sizes
 
-__all__ = ["LambBatch", "StepResult", "Phase1Result", "NormReducer", "local_reducer", "step_sizes_for",
+__all__ = ["DeviceScalars", "LambBatch", "StepResult", "Phase1Result", "NormReducer", "local_reducer", "step_sizes_for",
            "finish_norms", "plan_phase1", "run_step"]
 
 NormReducer = Callable[[torch.Tensor], torch.Tensor]
@@ -56,6 +63,35 @@ class Phase1Result:
 def local_reducer(sumsq: torch.Tensor) -> torch.Tensor:
     """The reducer for unsharded tensors: the local sums of squares are the whole norms."""
     return sumsq
+
+
+@dataclass
+class DeviceScalars:
+    """The per-step scalars of a capturable batch, as device tensors the host never reads.
+
+    ``steps[i]``: tensor ``i``'s step count before this step (a 0-d float32 tensor; the
+    optimizer's ``state["step"]``); the step is ``t = steps[i] + 1``, and its bias corrections are
+    row ``min(t, T)`` of ``bias`` (:func:`mplamb._scalars.bias_table`, ``(T + 1, 4)`` float64:
+    ``bias1, bias2, 1/bias1, 1/bias2``), replacing those of ``scalars[i]``.  ``lr``: a 0-d float64
+    tensor, the learning rate of every tensor (replacing ``lrs``).  ``skip``: a 0-d bool tensor;
+    when True the step writes nothing at all.  Phase 2 adds ``1 - skip`` to every count.
+    """
+
+    steps: List[torch.Tensor]
+    bias: torch.Tensor
+    lr: torch.Tensor
+    skip: torch.Tensor
+
+    def bias_rows(self) -> torch.Tensor:
+        """``(n, 4)`` float64: each tensor's bias-correction row for this step (no host sync)."""
+        t = torch.stack(self.steps).to(torch.int64) + 1 if len(self.steps) else torch.zeros(0, dtype=torch.int64)
+        return self.bias.index_select(0, torch.clamp(t, max=self.bias.shape[0] - 1))
+
+    def advance(self) -> None:
+        """Every count plus one, unless the step is skipped."""
+        keep = (~self.skip).to(torch.float32)
+        for count in self.steps:  # (torch._foreach_add_ with a tensor reads it on the host on CPU)
+            count.add_(keep)
 
 
 @dataclass
@@ -92,6 +128,7 @@ class LambBatch:
     rescale: Optional[torch.Tensor] = None
     uniform: bool = False  # a promise that every tensor list has one dtype and masters are all set or all None
     memo: Optional[Dict[str, Any]] = None
+    on_device: Optional[DeviceScalars] = None  # a capturable batch: step counts, lr and skip on the device
 
     def decay_source(self, i: int) -> torch.Tensor:
         """The weight phase 1 decays and phase 2 updates: the master if any, else the weight."""
@@ -103,11 +140,15 @@ class LambBatch:
         def pick(xs):
             return None if xs is None else [xs[i] for i in idx]
 
+        dev = self.on_device
+        if dev is not None:
+            dev = DeviceScalars(steps=pick(dev.steps), bias=dev.bias, lr=dev.lr, skip=dev.skip)
         return LambBatch(weights=pick(self.weights), grads=pick(self.grads), means=pick(self.means),
                          vars=pick(self.vars), masters=pick(self.masters), outs=pick(self.outs),
                          scalars=pick(self.scalars), lrs=pick(list(self.lrs)), adapt=pick(self.adapt),
                          lower_bound=self.lower_bound, upper_bound=self.upper_bound,
-                         max_trust_ratio=self.max_trust_ratio, rescale=self.rescale, uniform=self.uniform)
+                         max_trust_ratio=self.max_trust_ratio, rescale=self.rescale, uniform=self.uniform,
+                         on_device=dev)
 
     def compute_dtypes(self) -> List[torch.dtype]:
         """Per-tensor arithmetic dtype: float64 for float64 decay sources, float32 otherwise."""
@@ -152,11 +193,18 @@ def step_sizes_for(batch: LambBatch, sumsq: torch.Tensor) -> torch.Tensor:
     """
     norms = torch.sqrt(sumsq)
     dtypes = batch.compute_dtypes()
-    lrs = torch.ones(2, len(batch.lrs), dtype=torch.float64)
-    lrs[0] = torch.tensor(list(batch.lrs), dtype=torch.float64).to(torch.float32)  # float32 values (MXNet's rule)
-    lrs = lrs.to(sumsq.device, non_blocking=True)
+    n = len(batch.weights)
+    if batch.on_device is not None:  # the lr on the device: no upload
+        lrs = torch.ones(2, n, dtype=torch.float64, device=sumsq.device)
+        lrs[0] = batch.on_device.lr.to(sumsq.device, torch.float64).to(torch.float32)  # float32 value (MXNet's rule)
+    else:
+        lrs = torch.ones(2, n, dtype=torch.float64)
+        lrs[0] = torch.tensor(list(batch.lrs), dtype=torch.float64).to(torch.float32)  # float32 values (MXNet's rule)
+        lrs = lrs.to(sumsq.device, non_blocking=True)
     adapt = True
-    if batch.adapt is not None and not all(batch.adapt):
+    if batch.adapt is not None and not any(batch.adapt):
+        adapt = False
+    elif batch.adapt is not None and not all(batch.adapt):
         adapt = torch.tensor(list(batch.adapt), dtype=torch.bool).to(sumsq.device, non_blocking=True)
     result = None
     for dtype in sorted(set(dtypes), key=str):

@@ -13,6 +13,11 @@ the scalar values and ``tests/golden/NOTES.md`` for the specification)::
 
 Every arithmetic operation is a separate tensor operation, so nothing is fused
 into a multiply-add and float32 results are bit-for-bit MXNet's.
+
+A capturable batch (``batch.on_device``) takes its bias corrections from the device row of
+each tensor's step count (the same values ``_scalars`` gives the host), its lr from a device
+tensor, and writes every result through ``where(skip, old, new)``: a skipped step leaves every
+tensor bitwise as it was, without the host ever reading the flag.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ from .._scalars import Phase1Scalars, compute_dtype
 from ._ieee import ieee_sqrt
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
-__all__ = ["moments", "direction", "phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares",
+CAPTURABLE = True  # steps batches with device scalars (batch.on_device) without a host synchronisation
+
+__all__ = ["CAPTURABLE", "moments", "direction", "phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares",
            "grad_sum_of_squares", "lamb_step"]
 
 Scale = Union[float, torch.Tensor]
@@ -48,12 +55,17 @@ def moments(
     return m, v
 
 
-def direction(m: torch.Tensor, v: torch.Tensor, w: torch.Tensor, sc: Phase1Scalars) -> torch.Tensor:
-    """``g = mean_hat / (sqrt(var_hat) + eps) + wd * w`` from the new moments (compute dtype)."""
+def direction(m: torch.Tensor, v: torch.Tensor, w: torch.Tensor, sc: Phase1Scalars,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``g = mean_hat / (sqrt(var_hat) + eps) + wd * w`` from the new moments (compute dtype).
+
+    ``bias``: this step's ``(bias1, bias2, ...)`` float64 row on the device (capturable steps),
+    used instead of ``sc.bias1``/``sc.bias2`` (which then only say whether to correct at all)."""
     c = m.dtype
     if sc.bias1 is not None:
-        m = (m.to(torch.float64) / sc.bias1).to(c)
-        v = v / sc.bias2
+        bias1, bias2 = (sc.bias1, sc.bias2) if bias is None else (bias[0], bias[1].to(c))
+        m = (m.to(torch.float64) / bias1).to(c)
+        v = v / bias2
     return m / (ieee_sqrt(v) + sc.epsilon) + w.to(c) * sc.wd
 
 
@@ -108,14 +120,17 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
     device = batch.weights[0].device if n else torch.device("cpu")
     directions, pending = [], []
     sumsq = torch.empty(3 if dry else 2, n, dtype=torch.float64, device=device)
+    dev = batch.on_device
+    rows = dev.bias_rows() if dev is not None else None
     for i in range(n):
         w = batch.decay_source(i)
-        if dry:
+        if dry or dev is not None:  # moments written in phase 2 (a capturable step: written unless skipped)
             m, v = moments(batch.grads[i], batch.means[i], batch.vars[i], batch.scalars[i],
                            compute_dtype(w.dtype), batch.rescale)
-            g = direction(m, v, w, batch.scalars[i])
+            g = direction(m, v, w, batch.scalars[i], None if rows is None else rows[i])
             pending.append((m, v))
-            sumsq[2, i] = sum_of_squares(batch.grads[i])
+            if dry:
+                sumsq[2, i] = sum_of_squares(batch.grads[i])
         else:
             g = phase1(w, batch.grads[i], batch.means[i], batch.vars[i], batch.scalars[i], batch.rescale)
         directions.append(g)
@@ -128,11 +143,32 @@ def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> Non
     """Phase 2 for every tensor of ``batch`` with per-tensor step sizes ``steps`` (after a dry
     phase 1, the moments it computed are written first)."""
     directions, pending = p1.carry
+    dev = batch.on_device
+    if dev is not None:
+        _phase2_unless_skipped(batch, directions, pending, steps, dev.skip)
+        dev.advance()
+        return
     for i, (m, v) in enumerate(pending):
         batch.means[i].copy_(m)
         batch.vars[i].copy_(v)
     for i, g in enumerate(directions):
         phase2(batch.decay_source(i), g, steps[i].to(g.dtype), batch.outs[i], batch.masters[i])
+
+
+def _phase2_unless_skipped(batch: LambBatch, directions: list, pending: list, steps: torch.Tensor,
+                           skip: torch.Tensor) -> None:
+    """Phase 2 of a capturable batch: every write is ``where(skip, old, new)``."""
+    def put(dst: torch.Tensor, new: torch.Tensor) -> None:
+        dst.copy_(torch.where(skip, dst, new.to(dst.dtype)))
+
+    for i, ((m, v), g) in enumerate(zip(pending, directions)):
+        put(batch.means[i], m)
+        put(batch.vars[i], v)
+        w = batch.decay_source(i)
+        new = w.to(g.dtype) - steps[i].to(g.dtype) * g
+        if batch.masters[i] is not None:
+            put(batch.masters[i], new)
+        put(batch.outs[i], new)
 
 
 def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer, *, dry: bool = False) -> StepResult:

@@ -7,8 +7,11 @@ kernel; phase 2 is one kernel (direction recomputed from the stored moments).  T
 pass (:func:`grad_sum_of_squares`) is likewise one kernel plus one reduction.
 
 Per step the host builds one small table (addresses and hyper-parameter rows of every
-tensor) and uploads it once from pinned memory; the block table is cached per set of tensor
-sizes.  No host synchronisation: partial sums are reduced on the device and step sizes are
+tensor) and uploads it from pinned memory when its content changed since the last step of the
+same tensors (:class:`_Resident`); the block table is cached per set of tensor sizes.  A
+capturable batch (``batch.on_device``) reads its step counts, bias corrections, lr and skip flag
+from device memory, so its table does not change from step to step and a CUDA graph can
+capture the step.  No host synchronisation: partial sums are reduced on the device and step sizes are
 read by the kernels from device memory.  float32 compute only: partitions of float64 tensors and of
 half-precision moments are delegated to the reference backend.  Runs on CUDA; on CPU only
 under ``TRITON_INTERPRET=1`` (the tests).
@@ -25,24 +28,29 @@ import numpy as np
 import torch
 
 from . import reference
-from ._plan import (batch_addresses, by_dtype, chunk_table, gradient_addresses, noted_gradient_addresses, partition,
-                    scalar_tables, sizes_of)
+from ._plan import (batch_addresses, by_dtype, chunk_table, gradient_addresses, noted_gradient_addresses,
+                    owned_addresses, partition, scalar_tables, sizes_of)
 from ._staging import Staging
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
 try:
+    import triton
+
     from . import triton_kernels as K
 
     AVAILABLE = True
 except ImportError:  # triton is optional (extra "gpu")
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "supports_device", "phase1_batch", "plan_phase1", "phase2_batch", "lamb_step",
+CAPTURABLE = True  # steps batches with device scalars (batch.on_device) without a host synchronisation
+
+__all__ = ["AVAILABLE", "CAPTURABLE", "supports_device", "phase1_batch", "plan_phase1", "phase2_batch", "lamb_step",
            "grad_sum_of_squares"]
 
 BLOCK = 1024  # elements per program (H200 sweep: benchmarks/gpu_kernels.py)
 NUM_WARPS = 4
 RBLOCK = 256  # blocks summed at once by the per-tensor reduction
+STEP_BLOCK = 256  # step counts advanced per program
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -87,12 +95,62 @@ def _upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
     return t
 
 
+class _Resident:
+    """A host table kept on the device between steps, uploaded again only when its content changes.
+
+    Under CUDA graph capture the upload becomes a copy node of the graph, which reads its pinned
+    source at every replay: that source must be allocated before the capture and outlive the
+    graph.  Each eager upload therefore sets a pinned buffer of the same size aside, which a
+    capture then fills and keeps (capture needs an eager warm-up step, as ``torch.cuda.graph``
+    does anyway).
+    """
+
+    def __init__(self) -> None:
+        self.key: Optional[bytes] = None
+        self.device_table: Optional[torch.Tensor] = None
+        self.spare: Optional[torch.Tensor] = None
+        self.kept: List[torch.Tensor] = []  # what captured graphs read (and their device tables)
+
+    def get(self, host: np.ndarray, device: torch.device) -> torch.Tensor:
+        key = host.tobytes()
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if key == self.key:
+            if capturing and not any(t is self.device_table for t in self.kept):
+                self.kept.append(self.device_table)
+            return self.device_table
+        if capturing:
+            if self.spare is None or self.spare.numel() != host.size:
+                raise RuntimeError("mplamb: a step is being captured in a CUDA graph before any eager step of these "
+                                   "parameters: run one eager step first (a warm-up, as torch.cuda.graph requires)")
+            self.spare.numpy()[:] = host
+            table = torch.empty(host.size, dtype=torch.int64, device=device)
+            table.copy_(self.spare, non_blocking=True)
+            self.kept += [self.spare, table]
+            self.spare = None
+        else:
+            table = _upload(host.copy(), device)
+            if device.type == "cuda" and (self.spare is None or self.spare.numel() != host.size):
+                self.spare = torch.empty(host.size, dtype=torch.int64, pin_memory=True)
+        self.key, self.device_table = key, table
+        return table
+
+
+def _resident(memo: Optional[dict], slot: tuple, host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` through the :class:`_Resident` in ``memo[slot]`` (a plain upload without a memo)."""
+    if memo is None:
+        return _upload(host, device)
+    res = memo.get(slot)
+    if res is None:
+        res = memo[slot] = _Resident()
+    return res.get(host, device)
+
+
 class _Launch:
     """One partition's tables on the device: addresses and scalar rows (``table``), blocks, sizes."""
 
     def __init__(self, idx: List[int], kinds: tuple, table: torch.Tensor, n: int, blocks: tuple) -> None:
         self.idx, self.kinds, self.table = idx, kinds, table
-        self.scal_at, self.bias_at = 5 * n, 13 * n
+        self.scal_at, self.bias_at = 6 * n, 14 * n
         self.tid, self.first, self.sizes, self.nblocks = blocks
 
     def args(self) -> tuple:
@@ -129,6 +187,7 @@ def plan_phase1(batch: LambBatch, dry: bool = False) -> Callable[[], Phase1Resul
     noted = noted_gradient_addresses(batch)
     rescale = batch.rescale.to(device=device, dtype=torch.float32) if batch.rescale is not None else None
     parts = partition(batch)
+    dev = _device_args(batch)
     with _on(device):
         prepared = [(idx, batch if len(parts) == 1 else batch.select(idx)) if _delegated(part)
                     else (idx, _launch(batch, part, idx, stage, noted, device)) for part, idx in parts.items()]
@@ -147,8 +206,10 @@ def plan_phase1(batch: LambBatch, dry: bool = False) -> Callable[[], Phase1Resul
                     if launch.nblocks:
                         K.phase1_kernel[(launch.nblocks,)](
                             *launch.args(), launch.table if rescale is None else rescale, partial,
+                            *(dev or (launch.table, 0, launch.table)),
                             W_KIND=launch.kinds[0], G_KIND=launch.kinds[1], RESCALE_FROM_PTR=rescale is not None,
-                            WRITE=not dry, BLOCK=BLOCK, **_options())
+                            WRITE=not dry, DEVICE_T=dev is not None, SKIP_FROM_PTR=dev is not None, BLOCK=BLOCK,
+                            **_options())
                     part_sumsq = _sum_blocks(partial, launch.first, len(idx), rows)
                 if len(prepared) == 1:
                     sumsq = part_sumsq
@@ -157,9 +218,17 @@ def plan_phase1(batch: LambBatch, dry: bool = False) -> Callable[[], Phase1Resul
                         sumsq = torch.empty(rows, n, dtype=torch.float64, device=device)
                     sumsq[:, torch.as_tensor(idx, device=device)] = part_sumsq
                 launches.append(launch)
-        return Phase1Result(sumsq=sumsq, carry=(launches, stage, rescale), dry=dry)
+        return Phase1Result(sumsq=sumsq, carry=(launches, stage, rescale, dev), dry=dry)
 
     return run
+
+
+def _device_args(batch: LambBatch) -> Optional[tuple]:
+    """(bias table, its last row, skip flag as uint8) of a capturable batch; None otherwise."""
+    on = batch.on_device
+    if on is None:
+        return None
+    return on.bias, on.bias.shape[0] - 1, on.skip.view(torch.uint8)
 
 
 def _launch(batch: LambBatch, part: tuple, idx: List[int], stage: Staging, noted: Optional[tuple],
@@ -169,11 +238,27 @@ def _launch(batch: LambBatch, part: tuple, idx: List[int], stage: Staging, noted
     w, g, m, v, o, sz = batch_addresses(batch, part, idx, stage, noted)
     scal, bias = scalar_tables(batch, idx, np.float64, None)
     k = len(idx)
-    host = np.empty(17 * k, dtype=np.int64)
-    host[:5 * k].reshape(k, 5)[:] = np.stack([w, g, m, v, o], axis=1)
-    host[5 * k:].view(np.float64)[:] = np.concatenate([scal.ravel(), bias.ravel()])
-    return _Launch(idx, (_KIND[src_dtype], _KIND[g_dtype], _KIND[o_dtype], has_master), _upload(host, device), k,
-                   _device_blocks(sz.tobytes(), device, BLOCK))
+    if batch.on_device is not None:  # step counts on the device: their addresses, and no per-step rows
+        steps = batch.on_device.steps
+        counts, _ = owned_addresses(("step",) + part, steps if k == len(steps) else [steps[i] for i in idx], stage,
+                                    batch.memo)
+        bias = np.zeros_like(bias)
+    else:
+        counts = np.zeros(k, dtype=np.int64)
+    host = np.empty(18 * k, dtype=np.int64)
+    host[:6 * k].reshape(k, 6)[:] = np.stack([w, g, m, v, o, counts], axis=1)
+    host[6 * k:].view(np.float64)[:] = np.concatenate([scal.ravel(), bias.ravel()])
+    table = _resident(batch.memo, ("table",) + part, host, device) if len(stage) == 0 else _upload(host, device)
+    return _Launch(idx, (_KIND[src_dtype], _KIND[g_dtype], _KIND[o_dtype], has_master), table, k,
+                   _graph_safe(batch.memo, _device_blocks(sz.tobytes(), device, BLOCK), device))
+
+
+def _graph_safe(memo: Optional[dict], blocks: tuple, device: torch.device) -> tuple:
+    """``blocks`` (cached tables), also held by ``memo`` while a CUDA graph that reads them is captured:
+    the cache may drop them later, the graph never lets go."""
+    if memo is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        memo.setdefault("graph_kept", []).append(blocks)
+    return blocks
 
 
 class _Delegated:
@@ -187,7 +272,7 @@ def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> Non
     """Phase 2 of every tensor (one launch per partition), then staged tensors copied back."""
     if not p1.carry:
         return None
-    launches, stage, rescale = p1.carry
+    launches, stage, rescale, dev = p1.carry
     device = _device_of(batch)
     steps = steps.to(device)
     with _on(device):
@@ -201,8 +286,16 @@ def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> Non
             w_kind, g_kind, o_kind, has_master = launch.kinds
             K.phase2_kernel[(launch.nblocks,)](
                 *launch.args(), launch.table if rescale is None else rescale, part_steps,
+                *(dev or (launch.table, 0, launch.table)),
                 W_KIND=w_kind, G_KIND=g_kind, O_KIND=o_kind, WRITE_W=has_master,
-                RESCALE_FROM_PTR=rescale is not None, RECOMPUTE=p1.dry, BLOCK=BLOCK, **_options())
+                RESCALE_FROM_PTR=rescale is not None, RECOMPUTE=p1.dry, DEVICE_T=dev is not None,
+                SKIP_FROM_PTR=dev is not None, BLOCK=BLOCK, **_options())
+        if dev is not None:
+            for launch in launches:
+                if not isinstance(launch, _Delegated) and launch.idx:  # (delegated ones advanced their own)
+                    k = len(launch.idx)
+                    K.advance_steps_kernel[(triton.cdiv(k, STEP_BLOCK),)](launch.table, dev[2], k, BLOCK=STEP_BLOCK,
+                                                                          **_options())
     stage.finish()
     return None
 
@@ -232,10 +325,12 @@ def grad_sum_of_squares(grads: Sequence[torch.Tensor], memo: Optional[dict] = No
                 part = reference.grad_sum_of_squares(gs).to(device)
             else:
                 addr = gradient_addresses(grads, gs, stage, memo)
-                tid, first, sizes, nblocks = _device_blocks(sizes_of(gs).tobytes(), device, BLOCK)
+                tid, first, sizes, nblocks = _graph_safe(memo, _device_blocks(sizes_of(gs).tobytes(), device, BLOCK),
+                                                         device)
                 partial = torch.empty(max(nblocks, 1), 1, dtype=torch.float64, device=device)
                 if nblocks:
-                    K.grad_sumsq_kernel[(nblocks,)](_upload(addr, device), tid, first, sizes, partial,
+                    table = _resident(memo, ("grads", dtype), addr, device) if not len(stage) else _upload(addr, device)
+                    K.grad_sumsq_kernel[(nblocks,)](table, tid, first, sizes, partial,
                                                     G_KIND=_KIND[dtype], BLOCK=BLOCK, **_options())
                 part = _sum_blocks(partial, first, len(idx), 1)[0]
             if len(groups) == 1:

@@ -6,12 +6,18 @@ program handles one fixed-size block of one tensor; ``tid[pid]`` names the tenso
 ``(pid - first[t]) * BLOCK``.  Each tensor's data addresses and hyper-parameters come from a
 per-step table uploaded once (int64 view ``addr`` and float64 view ``num`` of one buffer):
 
-* ``addr[5 * t + c]``: the addresses of (decay source ``w``, grad, mean, var, out);
+* ``addr[6 * t + c]``: the addresses of (decay source ``w``, grad, mean, var, out, step count);
 * ``num[scal_at + 8 * t + c]``: (rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd),
   float32 values held exactly (clip = -1: off);
 * ``num[bias_at + 4 * t + c]``: (bias1, bias2, 1/bias1, 1/bias2) (bias1 = 0: no correction),
   so float64 values such as ``1 - beta1**t`` arrive exactly and a changing step count never
   recompiles.
+
+A capturable step (``DEVICE_T``) reads the bias corrections from row ``min(count + 1, last)`` of a
+device table (``bias_ptr``, :func:`mplamb._scalars.bias_table`) instead, ``count`` being the
+tensor's step count in device memory (its address in column 5), and every store is masked by a
+device skip flag (``skip_ptr``): nothing on the host changes from step to step.
+:func:`advance_steps_kernel` then adds one to every count unless the step is skipped.
 
 Per-block float64 partial sums are reduced per tensor by :func:`sum_blocks_kernel`, each
 tensor's blocks in order: deterministic, no atomics.
@@ -34,7 +40,7 @@ import triton
 import triton.language as tl
 
 F32, BF16, F16 = 0, 1, 2  # storage kinds
-ADDR_COLS, SCAL_COLS, BIAS_COLS = 5, 8, 4  # per-tensor table widths
+ADDR_COLS, SCAL_COLS, BIAS_COLS = 6, 8, 4  # per-tensor table widths
 
 
 @triton.jit
@@ -95,14 +101,34 @@ def _block(pid, tid_ptr, first_ptr, size_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _direction(m, v, w, num_ptr, scal_at, bias_at, t):
+def _bias_row(addr_ptr, num_ptr, bias_at, bias_ptr, last_row, t, DEVICE_T: tl.constexpr):
+    """Pointer to tensor ``t``'s (bias1, bias2, 1/bias1, 1/bias2): its row of the step's table, or
+    (``DEVICE_T``) row ``min(count + 1, last_row)`` of the device bias table."""
+    if DEVICE_T:
+        count = tl.load(_pointer(addr_ptr + 6 * t + 5, 0))
+        return bias_ptr + 4 * tl.minimum(count.to(tl.int64) + 1, last_row)
+    else:
+        return num_ptr + bias_at + 4 * t
+
+
+@triton.jit
+def _keep(skip_ptr, offs, mask, SKIP_FROM_PTR: tl.constexpr):
+    """``mask`` for the stores: cleared when the device skip flag is set."""
+    if SKIP_FROM_PTR:
+        return mask & ((offs * 0 + tl.load(skip_ptr).to(offs.dtype)) == 0)
+    else:
+        return mask
+
+
+@triton.jit
+def _direction(m, v, w, num_ptr, scal_at, bias_row, t):
     """``mean_hat / (sqrt(var_hat) + eps) + wd * w`` of a block (bias1 = 0: no bias correction)."""
     eps = tl.load(num_ptr + scal_at + 8 * t + 6).to(tl.float32)
     wd = tl.load(num_ptr + scal_at + 8 * t + 7).to(tl.float32)
-    bias1 = tl.load(num_ptr + bias_at + 4 * t)
+    bias1 = tl.load(bias_row)
     if bias1 != 0.0:
-        m = divide_in_float64(m, bias1, tl.load(num_ptr + bias_at + 4 * t + 2))
-        v = divide_by_constant(v, tl.load(num_ptr + bias_at + 4 * t + 3))
+        m = divide_in_float64(m, bias1, tl.load(bias_row + 2))
+        v = divide_by_constant(v, tl.load(bias_row + 3))
     return tl.div_rn(m, tl.sqrt_rn(v) + eps) + w * wd
 
 
@@ -131,25 +157,28 @@ def _moments(g_ptr, m_ptr, v_ptr, num_ptr, scal_at, t, rescale_ptr, offs, mask, 
 
 @triton.jit
 def phase1_kernel(addr_ptr, num_ptr, scal_at, bias_at, tid_ptr, first_ptr, size_ptr, rescale_ptr, partial_ptr,
+                  bias_ptr, last_row, skip_ptr,
                   W_KIND: tl.constexpr, G_KIND: tl.constexpr, RESCALE_FROM_PTR: tl.constexpr,
-                  WRITE: tl.constexpr, BLOCK: tl.constexpr):
+                  WRITE: tl.constexpr, DEVICE_T: tl.constexpr, SKIP_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
     """Per block: new moments (stored when WRITE), partial sums of w**2, g**2 and (not WRITE) grad**2."""
     pid = tl.program_id(0)
     t, offs, mask = _block(pid, tid_ptr, first_ptr, size_ptr, BLOCK)
-    w_ptr = _pointer(addr_ptr + 5 * t, W_KIND)
-    g_ptr = _pointer(addr_ptr + 5 * t + 1, G_KIND)
-    m_ptr = _pointer(addr_ptr + 5 * t + 2, 0)
-    v_ptr = _pointer(addr_ptr + 5 * t + 3, 0)
+    w_ptr = _pointer(addr_ptr + 6 * t, W_KIND)
+    g_ptr = _pointer(addr_ptr + 6 * t + 1, G_KIND)
+    m_ptr = _pointer(addr_ptr + 6 * t + 2, 0)
+    v_ptr = _pointer(addr_ptr + 6 * t + 3, 0)
     m, v = _moments(g_ptr, m_ptr, v_ptr, num_ptr, scal_at, t, rescale_ptr, offs, mask, G_KIND, RESCALE_FROM_PTR)
     if WRITE:
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
+        keep = _keep(skip_ptr, offs, mask, SKIP_FROM_PTR)
+        tl.store(m_ptr + offs, m, mask=keep)
+        tl.store(v_ptr + offs, v, mask=keep)
         tl.store(partial_ptr + 3 * pid + 2, 0.0)
     else:
         raw = tl.where(mask, _load(g_ptr, offs, mask, G_KIND), 0.0).to(tl.float64)
         tl.store(partial_ptr + 3 * pid + 2, tl.sum(raw * raw, axis=0))
     w = _load(w_ptr, offs, mask, W_KIND)
-    d = tl.where(mask, _direction(m, v, w, num_ptr, scal_at, bias_at, t), 0.0).to(tl.float64)
+    bias_row = _bias_row(addr_ptr, num_ptr, bias_at, bias_ptr, last_row, t, DEVICE_T)
+    d = tl.where(mask, _direction(m, v, w, num_ptr, scal_at, bias_row, t), 0.0).to(tl.float64)
     w64 = tl.where(mask, w, 0.0).to(tl.float64)
     tl.store(partial_ptr + 3 * pid, tl.sum(w64 * w64, axis=0))
     tl.store(partial_ptr + 3 * pid + 1, tl.sum(d * d, axis=0))
@@ -157,31 +186,45 @@ def phase1_kernel(addr_ptr, num_ptr, scal_at, bias_at, tid_ptr, first_ptr, size_
 
 @triton.jit
 def phase2_kernel(addr_ptr, num_ptr, scal_at, bias_at, tid_ptr, first_ptr, size_ptr, rescale_ptr, steps_ptr,
+                  bias_ptr, last_row, skip_ptr,
                   W_KIND: tl.constexpr, G_KIND: tl.constexpr, O_KIND: tl.constexpr, WRITE_W: tl.constexpr,
-                  RESCALE_FROM_PTR: tl.constexpr, RECOMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+                  RESCALE_FROM_PTR: tl.constexpr, RECOMPUTE: tl.constexpr, DEVICE_T: tl.constexpr,
+                  SKIP_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
     """Per block: ``out = w - step * g`` (and ``w`` too when WRITE_W: a master), from the stored
     moments, or (RECOMPUTE) from moments recomputed from the gradient and stored."""
     pid = tl.program_id(0)
     t, offs, mask = _block(pid, tid_ptr, first_ptr, size_ptr, BLOCK)
-    w_ptr = _pointer(addr_ptr + 5 * t, W_KIND)
-    m_ptr = _pointer(addr_ptr + 5 * t + 2, 0)
-    v_ptr = _pointer(addr_ptr + 5 * t + 3, 0)
-    out_ptr = _pointer(addr_ptr + 5 * t + 4, O_KIND)
+    keep = _keep(skip_ptr, offs, mask, SKIP_FROM_PTR)
+    w_ptr = _pointer(addr_ptr + 6 * t, W_KIND)
+    m_ptr = _pointer(addr_ptr + 6 * t + 2, 0)
+    v_ptr = _pointer(addr_ptr + 6 * t + 3, 0)
+    out_ptr = _pointer(addr_ptr + 6 * t + 4, O_KIND)
     step = tl.load(steps_ptr + t).to(tl.float32)
     w = _load(w_ptr, offs, mask, W_KIND)
     if RECOMPUTE:
-        g_ptr = _pointer(addr_ptr + 5 * t + 1, G_KIND)
+        g_ptr = _pointer(addr_ptr + 6 * t + 1, G_KIND)
         m, v = _moments(g_ptr, m_ptr, v_ptr, num_ptr, scal_at, t, rescale_ptr, offs, mask, G_KIND,
                         RESCALE_FROM_PTR)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
+        tl.store(m_ptr + offs, m, mask=keep)
+        tl.store(v_ptr + offs, v, mask=keep)
     else:
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=1.0)
-    new = w - step * _direction(m, v, w, num_ptr, scal_at, bias_at, t)
+    bias_row = _bias_row(addr_ptr, num_ptr, bias_at, bias_ptr, last_row, t, DEVICE_T)
+    new = w - step * _direction(m, v, w, num_ptr, scal_at, bias_row, t)
     if WRITE_W:
-        _store(w_ptr, offs, mask, new, W_KIND)
-    _store(out_ptr, offs, mask, new, O_KIND)
+        _store(w_ptr, offs, keep, new, W_KIND)
+    _store(out_ptr, offs, keep, new, O_KIND)
+
+
+@triton.jit
+def advance_steps_kernel(addr_ptr, skip_ptr, n, BLOCK: tl.constexpr):
+    """Every tensor's step count (address in column 5) plus one, unless the skip flag is set."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    counts = tl.load(addr_ptr + 6 * i + 5, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    add = (tl.load(skip_ptr) == 0).to(tl.float32)
+    tl.store(counts, tl.load(counts, mask=mask) + add, mask=mask)
 
 
 @triton.jit
