@@ -168,7 +168,7 @@ def test_work_per_step_does_not_grow_with_the_number_of_parameters(backend, monk
         monkeypatch.setattr(triton_gpu, "K", Counting(triton_gpu.K))
     per_size = {}
     for layers in (2, 20):
-        ops, counts = [], []
+        ops = []
         launches.clear()
         train(True, backend, layers=layers, steps=3, inf_at=(), counter=ops, max_grad_norm=0.05)
         per_size[layers] = (ops[-1], dict(launches))

@@ -162,7 +162,7 @@ class _Run:
         h["grad_norm"].append(grad_norm)
         if isinstance(self.opt, Lamb):
             h["trust_ratio"].append([float(v) for v in self.opt.last_step_stats()["trust_ratio"].tolist()])
-            h["skipped_steps"] = self.opt.skipped_steps
+            h["skipped_steps"] = int(self.opt.skipped_steps)
         return h["train_loss"][-1]
 
     @torch.no_grad()
