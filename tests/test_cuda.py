@@ -252,7 +252,7 @@ def test_captured_optimizer_step_is_bitwise_the_eager_one(dtype):
         lr = torch.tensor(0.01, device="cuda", dtype=torch.float64)
         opt = mplamb.Lamb(ps, lr=lr, weight_decay=0.01, max_grad_norm=5.0, capturable=mode != "host")
         for p, gr in zip(ps, grads[0]):
-            p.grad = gr.to(dtype)
+            p.grad = gr.to(dtype, copy=True)  # (the loop below copies into these: never grads[0] itself)
         opt.step()  # warm-up (eager) in every mode
         lr.fill_(0.005)
         if mode == "graph":
