@@ -8,6 +8,7 @@ the ``state_dict`` policy.  It contains no elementwise math: every step is one
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -17,8 +18,8 @@ from torch.optim import Optimizer
 from ._scalars import Phase1Scalars, bias_table, compute_dtype, phase1_scalars
 from ._validate import HALF_DTYPES, check_beta, check_real
 from .distributed import DTensor, all_reduce_sum, local, shard_group
-from .kernels import (BACKENDS, DeviceScalars, LambBatch, StepResult, capturable_backend_name, finish_norms,
-                      get_backend, local_reducer, plan_phase1)
+from .kernels import (BACKENDS, DeviceScalars, LambBatch, StepResult, choose_backend, finish_norms, get_backend,
+                      local_reducer, plan_phase1)
 
 __all__ = ["Lamb"]
 
@@ -41,7 +42,7 @@ def check_group(group: Dict[str, Any]) -> None:
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
-            raise ValueError(f"lr: expected a number or a one-element tensor, got shape {tuple(lr.shape)}")
+            raise ValueError(f"Tensor lr must be 1-element (lr: got shape {tuple(lr.shape)})")
         lr = lr.item()
     check_real("lr", lr, minimum=0.0)
     betas = group["betas"]
@@ -61,14 +62,24 @@ def check_group(group: Dict[str, Any]) -> None:
     for name in ("lower_bound", "upper_bound"):
         _check_optional_positive(name, group[name], " (use None for no bound)")
     _check_optional_positive("max_trust_ratio", group["max_trust_ratio"])
-    for name in ("master_weights", "capturable"):
+    for name in ("master_weights", "capturable", "foreach", "fused"):
         if group[name] is not None and not isinstance(group[name], bool):
             raise TypeError(f"{name}: expected None or a bool, got {type(group[name]).__name__}")
+    _check_flag("maximize", group["maximize"])
+    if _check_flag("differentiable", group["differentiable"]):
+        raise RuntimeError("differentiable=True is not supported: Lamb steps in fused kernels that autograd does "
+                           "not see (use differentiable=False)")
+    if group["fused"] and group["foreach"]:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     backend = group["backend"]
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    if backend != "auto" and (group["fused"] or group["foreach"]):
+        flag = "fused" if group["fused"] else "foreach"
+        raise ValueError(f"{flag}=True: conflicts with backend={backend!r} (the keyword picks the backend; "
+                         "leave backend='auto')")
 
 
 @dataclass
@@ -89,24 +100,63 @@ class _Work:
     capturable: bool = False  # step counts, lr and the skip decision on the device (no host synchronisation)
 
 
+_KEYWORD_DEFAULTS = {"capturable": None, "foreach": None, "fused": None, "maximize": False, "differentiable": False}
+
+
+class _Shared:
+    """A process group carried through ``copy.deepcopy`` as the same object (a communicator cannot be
+    copied), and through ``pickle`` only when it is ``None`` or ``"world"`` (a name that means the same
+    group in the process that loads it)."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __deepcopy__(self, memo: dict) -> "_Shared":
+        return self
+
+    def __reduce__(self) -> tuple:
+        if self.obj is None or isinstance(self.obj, str):
+            return (_Shared, (self.obj,))
+        raise TypeError("Lamb: a process group cannot be pickled; pickle opt.state_dict() instead, or set "
+                        "process_group / partition_group to None or 'world' first")
+
+    @staticmethod
+    def unwrap(value: Any) -> Any:
+        return value.obj if isinstance(value, _Shared) else value
+
+
+def _enclosing_zero_group() -> Optional[Any]:
+    """The process group of the ``ZeroRedundancyOptimizer`` constructing this optimizer, if one is (its
+    ``_init_local_optimizer`` calls the optimizer class with this rank's partition of the parameters)."""
+    zero_module = sys.modules.get("torch.distributed.optim")  # imported already wherever ZeRO is in use
+    zero_cls = getattr(zero_module, "ZeroRedundancyOptimizer", None)
+    if zero_cls is None:
+        return None
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, zero_cls):
+            return owner.process_group if owner.process_group is not None else "world"
+        frame = frame.f_back
+    return None
+
+
 def _step_counts_as(states: List[Dict[str, Any]], capturable: bool, device: torch.device, memo: Dict[str, Any]) -> None:
-    """Every ``state["step"]`` in the form its work steps with: an int, or (capturable) a 0-d float32
-    tensor on ``device`` (a state loaded or made in the other form is converted once; the counts
-    found right are remembered in ``memo``, so a step checks them without a per-tensor Python loop)."""
+    """Every ``state["step"]`` as its work steps with it, a 0-d float32 tensor as torch's optimizers keep
+    it: on the CPU, or (capturable) on ``device``.  A count loaded or made otherwise (an int, another
+    device) is converted once; the counts found right are remembered in ``memo``, so a step checks
+    them without a per-tensor Python loop."""
     counts = [st["step"] for st in states]
-    if not capturable:
-        if not all(type(c) is int for c in counts):
-            for st in states:
-                if isinstance(st["step"], torch.Tensor):
-                    st["step"] = int(st["step"].item())
-        return
     held = memo.get("step_counts")
     if held is not None and len(held) == len(counts) and all(map(operator.is_, held, counts)):
         return
+    where = device if capturable else torch.device("cpu")
     for st in states:
         s = st["step"]
-        if not isinstance(s, torch.Tensor) or s.device != device or s.dtype != torch.float32 or s.dim():
-            st["step"] = torch.tensor(float(s), dtype=torch.float32, device=device)
+        if not isinstance(s, torch.Tensor) or s.device != where or s.dtype != torch.float32 or s.dim():
+            st["step"] = torch.tensor(float(s), dtype=torch.float32, device=where)
     memo["step_counts"] = [st["step"] for st in states]
 
 
@@ -173,6 +223,11 @@ class Lamb(Optimizer):
             ``True`` on CUDA, ``False`` elsewhere.  Needs a capturable backend (``triton``,
             ``reference``); a step skipped on the device keeps the state it created lazily (zeros,
             step 0), which is the same as none.
+        foreach, fused: torch's keywords; with ``backend="auto"``, ``fused=True`` asks for the fused kernels
+            of the device (``fused_cpu``, ``triton``), ``foreach=True`` for the ``torch._foreach_*`` backend,
+            ``False`` leaves that kind out of ``auto``'s choice.  ``None``: ``auto`` decides.
+        maximize: maximise the objective (gradient ascent): every gradient is negated, exactly.
+        differentiable: only ``False`` (the step runs in kernels autograd does not see).
         process_group: for plain tensors sharded by the user (every process holds a part of every
             parameter): the group over which partial norms are summed.  DTensor parameters (FSDP2)
             need nothing: their mesh says it.
@@ -182,8 +237,8 @@ class Lamb(Optimizer):
             optimizer_class=Lamb, partition_group="world")``, which copies its keyword arguments into
             param groups that must stay picklable (or set ``zero.optim.partition_group = group``).
 
-    State (``opt.state[p]``): ``step`` (int; a 0-d float32 tensor on the parameter's device when
-    capturable), ``exp_avg`` (m), ``exp_avg_sq`` (v), and
+    State (``opt.state[p]``): ``step`` (a 0-d float32 tensor, as torch's optimizers keep it: on the CPU,
+    or on the parameter's device when capturable), ``exp_avg`` (m), ``exp_avg_sq`` (v), and
     ``master_weight`` (fp32) for parameters with a master.  Moments are fp32 for half parameters.
 
     Loss scaling: works with ``torch.amp.GradScaler`` (``scaler.step(opt)``); the optimizer takes
@@ -224,6 +279,10 @@ class Lamb(Optimizer):
         master_weights: Optional[bool] = None,
         backend: str = "auto",
         capturable: Optional[bool] = None,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        maximize: bool = False,
+        differentiable: bool = False,
         process_group: Optional[Any] = None,
         partition_group: Optional[Any] = None,
     ) -> None:
@@ -233,10 +292,14 @@ class Lamb(Optimizer):
             max_grad_norm=max_grad_norm, clip_gradient=clip_gradient, rescale_grad=rescale_grad,
             lower_bound=lower_bound, upper_bound=upper_bound, max_trust_ratio=max_trust_ratio,
             layer_adaptation=layer_adaptation, master_weights=master_weights, backend=backend,
-            capturable=capturable,
+            capturable=capturable, foreach=foreach, fused=fused, maximize=maximize, differentiable=differentiable,
         )
         check_group(defaults)
         self.process_group = process_group
+        if partition_group is None and process_group is None:
+            # built by ZeroRedundancyOptimizer for this rank's partition: clipping and the skip must be agreed
+            # over its group (each rank holds other parameters), which the optimizer cannot see otherwise
+            partition_group = _enclosing_zero_group()
         self.partition_group = partition_group
         self._init_counters()
         super().__init__(params, defaults)
@@ -248,14 +311,32 @@ class Lamb(Optimizer):
         self._last: List[Tuple[List[torch.Tensor], StepResult]] = []
         self._memo: Dict[tuple, Dict[str, Any]] = {}  # per work key: backends' memo of the state tensors
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """torch's optimizer state (defaults, state, param groups) plus what a copy needs to go on: the
+        process groups (shared by a deep copy, not copied; a pickle keeps them only when None or
+        ``"world"``) and the skip counters.  Backend memos and the last step's telemetry start afresh."""
+        state = super().__getstate__()
+        state["_mplamb"] = {"process_group": _Shared(self.process_group),
+                            "partition_group": _Shared(self.partition_group),
+                            "skipped": self._skipped, "skipped_on_device": self._skipped_on_device,
+                            "last_grad_norm": self.last_grad_norm}
+        return state
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("capturable", None)
-        if not hasattr(self, "_memo"):  # torch's __getstate__ keeps only defaults, state and param_groups
-            self.process_group = getattr(self, "process_group", None)
-            self.partition_group = getattr(self, "partition_group", None)
-            self._init_counters()
+        extra = state.get("_mplamb") or {}
+        super().__setstate__({k: v for k, v in state.items() if k != "_mplamb"})
+        for key, value in _KEYWORD_DEFAULTS.items():  # optimizers pickled before these keywords existed
+            self.defaults.setdefault(key, value)
+            for group in self.param_groups:
+                group.setdefault(key, value)
+        if "_mplamb" not in state and hasattr(self, "_memo"):
+            return  # (torch's load_state_dict calls __setstate__ on a live optimizer: it keeps its own)
+        self._init_counters()
+        self.process_group = _Shared.unwrap(extra.get("process_group"))
+        self.partition_group = _Shared.unwrap(extra.get("partition_group"))
+        self._skipped = int(extra.get("skipped", 0))
+        self._skipped_on_device = extra.get("skipped_on_device")
+        self.last_grad_norm = extra.get("last_grad_norm")
 
     @property
     def skipped_steps(self) -> Any:
@@ -281,10 +362,12 @@ class Lamb(Optimizer):
             param_group = {**param_group, "betas": tuple(param_group["betas"])}
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for p in params:
-            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-                raise TypeError(f"params: expected floating-point tensors, got {getattr(p, 'dtype', type(p))}")
-        super().add_param_group(param_group)
+        for p in params:  # a tensor, or a (name, tensor) pair (named parameters, as torch.optim takes them)
+            t = p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"params: expected floating-point tensors (or (name, tensor) pairs), got "
+                                f"{getattr(t, 'dtype', type(t))}")
+        super().add_param_group({**param_group, "params": params})
 
     # ------------------------------------------------------------------ step
 
@@ -316,6 +399,9 @@ class Lamb(Optimizer):
                 device = p.device
                 if grad.device != device or not gdtype.is_floating_point:
                     self._reject_grad(p, grad)
+                if device.type == "meta":
+                    raise RuntimeError("Lamb cannot step parameters on the meta device (they hold no values): "
+                                       "materialise them first, e.g. model.to_empty(device=...)")
                 sharded = isinstance(p, DTensor)
                 pg = shard_group(p, self.process_group) if sharded else self.process_group
                 key = (gi, device, dtype, gdtype, pg, sharded)
@@ -341,17 +427,13 @@ class Lamb(Optimizer):
     def _choose_backend(work: _Work) -> None:
         """The work's backend, and whether it steps capturably (``capturable`` None: on CUDA, where a
         capturable backend exists)."""
-        name, device = work.group["backend"], work.params[0].device
-        wanted = work.group["capturable"]
-        if wanted is False or (wanted is None and device.type != "cuda"):
-            work.backend = get_backend(name, device)
-            return
-        chosen = capturable_backend_name(name, device)
-        if chosen is None and wanted:
-            raise ValueError(f"capturable=True: backend {name!r} on {device} reads its step counts on the host; "
-                             "use backend='triton' or 'reference', or capturable=False")
-        work.capturable = chosen is not None
-        work.backend = get_backend(chosen or name, device)
+        g, device = work.group, work.params[0].device
+        wanted = g["capturable"]
+        if wanted is None and device.type != "cuda":
+            wanted = False
+        name, work.capturable = choose_backend(g["backend"], device, fused=g["fused"], foreach=g["foreach"],
+                                               capturable=wanted)
+        work.backend = get_backend(name, device)
 
     @staticmethod
     def _reject_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -366,7 +448,7 @@ class Lamb(Optimizer):
 
     @staticmethod
     def _init_state(p: torch.Tensor, state: Dict[str, Any], master: bool, capturable: bool) -> None:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if capturable else 0
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
         moment_dtype = torch.float32 if p.dtype in HALF_DTYPES else p.dtype
         state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
@@ -421,10 +503,14 @@ class Lamb(Optimizer):
         bad = torch.zeros((), dtype=torch.float64, device=anchor)
         if found_inf is not None:
             bad = bad + (found_inf.to(anchor) > 0).to(torch.float64)
-        if self.partition_group is None and any(w.group_pg is not None for w in works):
-            self._step_dry(works, inv_scale, bad, anchor)
-        else:
-            self._step_plain(works, inv_scale, bad, anchor)
+        try:
+            if self.partition_group is None and any(w.group_pg is not None for w in works):
+                self._step_dry(works, inv_scale, bad, anchor)
+            else:
+                self._step_plain(works, inv_scale, bad, anchor)
+        except BaseException:
+            self._drop_fresh_state(works)  # a step that failed leaves no half-made state
+            raise
         return loss
 
     def _global_grad_sumsq(self, works: List[_Work], sumsqs: List[torch.Tensor], inv_scale: Optional[torch.Tensor],
@@ -496,8 +582,9 @@ class Lamb(Optimizer):
     def _drop_fresh_state(self, works: List[_Work]) -> None:
         """A skipped step wrote nothing: the state its batches created lazily goes too."""
         for w in works:
-            for p in w.fresh:
-                del self.state[p]
+            for p in w.fresh or ():
+                self.state.pop(p, None)
+            w.fresh = []
 
     def _step_dry(self, works: List[_Work], inv_scale: Optional[torch.Tensor], bad: torch.Tensor,
                   anchor: torch.device) -> None:
@@ -538,8 +625,7 @@ class Lamb(Optimizer):
             sumsq, steps, ratios = finish_norms(batch, sumsq, local_reducer)
             w.backend.phase2_batch(batch, p1, steps)  # (capturable: it advances the device step counts)
             if not w.capturable:
-                for st in w.states:
-                    st["step"] += 1
+                torch._foreach_add_([st["step"] for st in w.states], 1.0)
             self._last.append((w.params, StepResult(sumsq=sumsq, step_sizes=steps, trust_ratios=ratios)))
 
     def _batch(self, work: _Work, grad_norm: Optional[torch.Tensor], inv_scale: Optional[torch.Tensor],
@@ -554,11 +640,14 @@ class Lamb(Optimizer):
             self._init_state(p, self.state[p], work.master, work.capturable)
         _step_counts_as(states, work.capturable, device, work.memo)
         # capturable: the counts stay on the device, and with them the bias corrections (bias_table)
-        steps = [1] * len(states) if work.capturable else [st["step"] + 1 for st in states]
+        steps = [1] * len(states) if work.capturable else [int(t) + 1 for t in torch.stack(
+            [st["step"] for st in states]).tolist()]
         cdtype = torch.float32 if work.master else compute_dtype(work.params[0].dtype)
+        # maximize: the gradient negated, exactly (IEEE negation commutes with the scaling and the clip)
+        rescale_grad = -float(group["rescale_grad"]) if group["maximize"] else float(group["rescale_grad"])
         table: Dict[int, Phase1Scalars] = {
             t: phase1_scalars(t=t, wd=group["weight_decay"], beta1=beta1, beta2=beta2, epsilon=group["eps"],
-                              bias_correction=group["bias_correction"], rescale_grad=group["rescale_grad"],
+                              bias_correction=group["bias_correction"], rescale_grad=rescale_grad,
                               clip_gradient=-1.0 if clip is None else clip, dtype=cdtype,
                               grad_averaging=group["grad_averaging"])
             for t in set(steps)}
@@ -573,7 +662,7 @@ class Lamb(Optimizer):
         rescale = None
         max_norm = group["max_grad_norm"]
         if inv_scale is not None or (max_norm is not None and grad_norm is not None):
-            factor = torch.full((), float(group["rescale_grad"]), dtype=torch.float64, device=device)
+            factor = torch.full((), rescale_grad, dtype=torch.float64, device=device)
             if inv_scale is not None:
                 factor = factor * inv_scale.to(device)
             if max_norm is not None and grad_norm is not None:  # None: not clipping (yet)
@@ -653,7 +742,10 @@ class Lamb(Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """``torch.optim`` state dict plus ``"mplamb": {"skipped_steps": n}``; masters included."""
         sd = super().state_dict()
-        sd["mplamb"] = {"skipped_steps": int(self.skipped_steps)}
+        skipped = int(self.skipped_steps)
+        sd["mplamb"] = {"skipped_steps": skipped}
+        if sd["param_groups"]:  # also where torch.distributed.checkpoint carries it (only state and param_groups)
+            sd["param_groups"][0]["skipped_steps"] = skipped
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -668,7 +760,10 @@ class Lamb(Optimizer):
         self._memo.clear()  # the state tensors are about to be replaced
         state_dict = dict(state_dict)
         extra = state_dict.pop("mplamb", {}) or {}
-        saved_groups = state_dict["param_groups"]
+        groups_in = state_dict["param_groups"]
+        skipped = extra.get("skipped_steps", groups_in[0].get("skipped_steps", 0) if groups_in else 0)
+        saved_groups = state_dict["param_groups"] = [  # the counter is no hyper-parameter: not into param_groups
+            {k: v for k, v in g.items() if k != "skipped_steps"} for g in groups_in]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict: has {len(saved_groups)} param groups, this optimizer has "
                              f"{len(self.param_groups)}")
@@ -698,4 +793,4 @@ class Lamb(Optimizer):
                     self.state[p][k] = v.detach().to(device=p.device, copy=True)
                 elif k == "step":  # (the form a step needs is made at that step: _step_counts_as)
                     self.state[p][k] = v.detach().clone() if isinstance(v, torch.Tensor) else int(v)
-        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self.skipped_steps = int(skipped)

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
 from .contract import DeviceScalars, LambBatch, NormReducer, Phase1Result, StepResult, finish_norms, local_reducer, plan_phase1
 
 __all__ = ["DeviceScalars", "LambBatch", "NormReducer", "Phase1Result", "StepResult", "finish_norms", "local_reducer", "plan_phase1",
-           "get_backend", "capturable_backend_name", "available_backends", "BACKENDS", "resolve_backend_name"]
+           "get_backend", "choose_backend", "FUSED", "FOREACH", "available_backends", "BACKENDS", "resolve_backend_name"]
 
 # public name -> module of this package
 BACKENDS: Dict[str, str] = {
@@ -86,16 +86,44 @@ def resolve_backend_name(name: str = "auto", device: torch.device | str = "cpu")
     return name
 
 
-def capturable_backend_name(name: str = "auto", device: torch.device | str = "cpu") -> str | None:
-    """The backend :func:`resolve_backend_name` picks for a capturable step: ``name`` if it is capturable,
-    for ``"auto"`` the first capturable backend in the device's order; ``None`` when there is none."""
-    if name == "auto":
-        for cand in _AUTO_ORDER.get(torch.device(device).type, ["reference"]) + ["reference"]:
-            if _runs_on(cand, torch.device(device)) and getattr(_module(cand), "CAPTURABLE", False):
-                return cand
-        return None
-    resolved = resolve_backend_name(name, device)
-    return resolved if getattr(_module(resolved), "CAPTURABLE", False) else None
+FUSED = ("fused_cpu", "triton")  # what torch's ``fused=True`` asks for
+FOREACH = ("foreach",)  # what torch's ``foreach=True`` asks for
+
+
+def choose_backend(name: str = "auto", device: torch.device | str = "cpu", *, fused: bool | None = None,
+                   foreach: bool | None = None, capturable: bool | None = False) -> Tuple[str, bool]:
+    """The backend an optimizer steps with, and whether the step is capturable.
+
+    ``name`` other than ``"auto"`` is taken as it is.  For ``"auto"``, the device's order of
+    :func:`resolve_backend_name`, narrowed by torch's keywords: ``fused=True`` keeps only fused
+    backends, ``foreach=True`` only ``foreach``, ``False`` drops that kind.  ``capturable``: ``True``
+    needs a backend with ``CAPTURABLE`` (raises ``ValueError`` without one), ``None`` takes one where
+    there is one, ``False`` never.
+    """
+    dev = torch.device(device)
+    if name != "auto":
+        order = [resolve_backend_name(name, dev)]
+    else:
+        order = _AUTO_ORDER.get(dev.type, ["reference"]) + ["reference"]
+        if fused:
+            order = [c for c in order if c in FUSED]
+        elif foreach:
+            order = list(FOREACH)
+        order = [c for c in order if not (fused is False and c in FUSED) and not (foreach is False and c in FOREACH)]
+        order = [c for c in dict.fromkeys(order) if _runs_on(c, dev)]
+        if not order:
+            flag = "fused" if fused else "foreach"
+            raise ValueError(f"{flag}=True: no such backend for device {dev} in this environment "
+                             f"(available: {available_backends(dev)}; fused kernels need numba on the CPU, "
+                             "triton on CUDA)")
+    if capturable is not False:
+        for cand in order:
+            if getattr(_module(cand), "CAPTURABLE", False):
+                return cand, True
+        if capturable:
+            raise ValueError(f"capturable=True: backend {name!r} on {dev} reads its step counts on the host; "
+                             "use backend='triton' or 'reference', or capturable=False")
+    return order[0], False
 
 
 def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> ModuleType:

@@ -51,10 +51,18 @@ if AVAILABLE:
 
 def _threads() -> None:
     """numba's thread count for this thread: torch's, within numba's pool (set only when it differs:
-    setting it costs more than a small step's kernel)."""
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    setting it costs more than a small step's kernel).
+
+    Starting numba's OpenMP pool (the first time numba's threads are asked for) sets the process-wide
+    OpenMP thread count to numba's pool size, which torch reads as its own intra-op thread count: it
+    is put back at once, so the process keeps the thread count it had (``torch.set_num_threads``,
+    ``OMP_NUM_THREADS``)."""
+    torch_threads = torch.get_num_threads()
+    want = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != want:
         numba.set_num_threads(want)
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
 
 
 def bias_regime(bias: "np.ndarray") -> Tuple["np.ndarray", object]:
