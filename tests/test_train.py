@@ -166,7 +166,7 @@ def test_bench_late_step_rows_start_at_that_step(monkeypatch, capsys):
     real_step = mplamb.Lamb.step
 
     def spy(self, *a, **kw):
-        seen.append((id(self), min(st["step"] for st in self.state.values()) if self.state else 0))
+        seen.append((id(self), int(min(st["step"] for st in self.state.values())) if self.state else 0))
         return real_step(self, *a, **kw)
 
     monkeypatch.setattr(mplamb.Lamb, "step", spy)

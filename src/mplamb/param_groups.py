@@ -31,8 +31,11 @@ def param_groups(
     """Two param groups for ``Lamb``: ``decay`` and ``no_decay`` (empty groups are dropped).
 
     A trainable parameter goes to ``no_decay`` when it is 0-d or 1-d (biases, norm scales),
-    when its module is a normalisation layer (:data:`NORM_LAYERS`), or when its qualified name
-    matches one of the ``no_decay`` glob patterns (case-insensitive).  The ``no_decay`` group
+    when its module is a normalisation layer (:data:`NORM_LAYERS`), when its qualified name
+    matches one of the ``no_decay`` glob patterns (case-insensitive), or when the model says so in
+    timm's convention: its name is in ``model.no_weight_decay()`` (a ViT's ``pos_embed`` and
+    ``cls_token``) or contains one of ``model.no_weight_decay_keywords()`` (a Swin's
+    ``relative_position_bias_table``).  The ``no_decay`` group
     gets ``weight_decay=0`` and, with ``exclude_from_adaptation=True``, ``layer_adaptation=False``.
     ``group_options`` are copied into both groups.
 
@@ -41,6 +44,9 @@ def param_groups(
     ([1, 3], [0.01, 0.0])
     """
     patterns = [p.lower() for p in no_decay]
+    named = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    keywords = (set(model.no_weight_decay_keywords()) if callable(getattr(model, "no_weight_decay_keywords", None))
+                else set())
     norm_params = set()
     for module in model.modules():
         if isinstance(module, NORM_LAYERS):
@@ -53,7 +59,8 @@ def param_groups(
             continue
         seen.add(id(p))
         lname = name.lower()
-        if p.ndim <= 1 or id(p) in norm_params or any(fnmatch.fnmatch(lname, pat) for pat in patterns):
+        if (p.ndim <= 1 or id(p) in norm_params or any(fnmatch.fnmatch(lname, pat) for pat in patterns)
+                or name in named or any(k in name for k in keywords)):
             skip.append(p)
         else:
             decay.append(p)
