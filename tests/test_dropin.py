@@ -255,3 +255,20 @@ def test_param_groups_of_a_real_timm_vit():
     ids = {id(p) for p in no_decay["params"]}
     assert id(vit.pos_embed) in ids and id(vit.cls_token) in ids
     assert all(p.ndim > 1 for p in decay["params"])
+
+
+def test_auto_warns_once_when_it_cannot_take_the_fast_backend(monkeypatch):
+    from mplamb import kernels
+
+    monkeypatch.setattr(kernels, "_warned", set())
+    real = kernels._runs_on
+    monkeypatch.setattr(kernels, "_runs_on", lambda name, dev: name != "fused_cpu" and real(name, dev))
+    m = model()
+    with pytest.warns(RuntimeWarning, match="uses 'reference', many times slower than 'fused_cpu', which needs numba"):
+        train(m, mplamb.Lamb(m.parameters()), steps=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(m, mplamb.Lamb(m.parameters()), steps=1)  # once per process and device type
+        train(m, mplamb.Lamb(m.parameters(), fused=False), steps=1)  # asked for: no warning

@@ -15,7 +15,7 @@ from .ops import (
     multi_mp_lamb_update,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "Lamb",

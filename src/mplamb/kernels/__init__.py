@@ -22,6 +22,7 @@ is tested against it.  :func:`get_backend` resolves a name (or ``"auto"``) for a
 from __future__ import annotations
 
 import importlib
+import warnings
 from types import ModuleType
 from typing import Dict, List, Tuple
 
@@ -60,6 +61,21 @@ def _runs_on(name: str, dev: torch.device) -> bool:
     return supports is None or supports(dev)
 
 
+# what the fastest backend of a device needs, named in the warning when "auto" cannot use it
+_NEEDS = {"fused_cpu": "numba (pip install numba)", "triton": "triton (pip install triton)"}
+_warned: set = set()
+
+
+def _warn_if_slow(dev: torch.device, chosen: str) -> None:
+    """Warn once per device type when ``auto`` could not take the device's fastest backend."""
+    best = _AUTO_ORDER.get(dev.type, ["reference"])[0]
+    if chosen == best or (dev.type, best) in _warned:
+        return
+    _warned.add((dev.type, best))
+    warnings.warn(f"mplamb: backend='auto' on {dev.type} uses {chosen!r}, many times slower than {best!r}, which "
+                  f"needs {_NEEDS.get(best, best)} and is not available here", RuntimeWarning, stacklevel=4)
+
+
 def available_backends(device: torch.device | str = "cpu") -> List[str]:
     """Backend names that can run on ``device`` in this environment."""
     dev = torch.device(device)
@@ -76,10 +92,9 @@ def resolve_backend_name(name: str = "auto", device: torch.device | str = "cpu")
         raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
     dev = torch.device(device)
     if name == "auto":
-        for cand in _AUTO_ORDER.get(dev.type, ["reference"]):
-            if _runs_on(cand, dev):
-                return cand
-        return "reference"
+        chosen = next((c for c in _AUTO_ORDER.get(dev.type, ["reference"]) if _runs_on(c, dev)), "reference")
+        _warn_if_slow(dev, chosen)
+        return chosen
     if not _runs_on(name, dev):
         raise ValueError(f"backend: {name!r} is not available for device {dev} in this environment "
                          f"(available: {available_backends(dev)})")
@@ -111,6 +126,8 @@ def choose_backend(name: str = "auto", device: torch.device | str = "cpu", *, fu
             order = list(FOREACH)
         order = [c for c in order if not (fused is False and c in FUSED) and not (foreach is False and c in FOREACH)]
         order = [c for c in dict.fromkeys(order) if _runs_on(c, dev)]
+        if order and fused is None and foreach is None:
+            _warn_if_slow(dev, order[0])
         if not order:
             flag = "fused" if fused else "foreach"
             raise ValueError(f"{flag}=True: no such backend for device {dev} in this environment "
