@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" "triton==3.9.0"
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[test]" "triton==3.9.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps pytorch_optimizer==4.1.0 torch-optimizer==0.3.0 \
     pytorch-ranger==0.1.1 timm==1.0.31

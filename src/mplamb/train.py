@@ -4,13 +4,19 @@
 Python's standard-library source (or ``--data FILE``) with bf16 weights and fp32 master
 weights in the optimizer, shows a progress bar, checkpoints (``--resume`` continues bit for
 bit; Ctrl-C saves first), optionally trains the same budget with ``torch.optim.AdamW``
-(``--compare adamw``), and writes a report folder: ``loss.png``, ``trust_ratio.png``,
-``metrics.csv``, ``metrics.json`` and ``summary.md``.
+(``--compare adamw``: fp32 weights, the same compute precision), and writes a report folder:
+``loss.png``, ``trust_ratio.png``, ``metrics.csv``, ``metrics.json`` and ``summary.md``.
+
+``--precision auto`` is decided from what the processor is (its instruction-set flags), never
+from timings, so the same command on the same machine always trains the same way; ``--resume``
+takes the precision its checkpoint was written with.  Throughput is reported apart from warm-up
+(compiling the fused kernels, the first step).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
 import os
 import pathlib
@@ -18,7 +24,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -28,7 +34,8 @@ from .demo.model import GPTConfig, TinyGPT
 from .optimizer import Lamb
 from .param_groups import param_groups
 
-__all__ = ["TrainConfig", "train", "add_train_arguments", "run_from_args", "CheckpointError"]
+__all__ = ["TrainConfig", "train", "add_train_arguments", "run_from_args", "CheckpointError", "resolve_precision",
+           "precision_decision", "cpu_flags", "missing_report_packages"]
 
 CKPT_FORMAT = "mplamb-train-v1"
 
@@ -65,30 +72,66 @@ class TrainConfig:
                    "context", "layers", "dim", "heads", "precision", "eval_every", "eval_batches", "data")
 
 
-def bf16_is_fast(device: str) -> bool:
-    """Whether a bf16 linear layer (forward and backward) is at least as fast as fp32 here.
-
-    A ~50 ms probe on CPU, best of 3 timings each: CPUs without bf16 matrix units run bf16
-    6-16x slower than fp32 in torch 2.13 (this project's AMD EPYC, AVX2 kernels)."""
-    if device != "cpu":
-        return True
-    best = {}
-    for dt in (torch.float32, torch.bfloat16):
-        x = torch.randn(2048, 128, dtype=dt, requires_grad=True)
-        w = torch.randn(512, 128, dtype=dt, requires_grad=True)
-        times = []
-        for _ in range(4):
-            t0 = time.perf_counter()
-            F.linear(x, w).sum().backward()
-            times.append(time.perf_counter() - t0)
-        best[dt] = min(times[1:])
-    return best[torch.bfloat16] <= best[torch.float32]
+# x86 flags (Linux /proc/cpuinfo names) of bf16 dot-product/matrix instructions that oneDNN's bf16 matmuls use
+FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def resolve_precision(precision: str, device: str) -> str:
+def cpu_flags() -> str:
+    """The processor's instruction-set flags as Linux lists them (the ``flags`` line of ``/proc/cpuinfo``
+    on x86, ``Features`` on Arm); ``""`` where there is no such file (other systems)."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return value.strip()
+    return ""
+
+
+def precision_decision(precision: str, device: str, flags: Optional[str] = None) -> Tuple[str, str]:
+    """The precision to train with for ``--precision precision`` and why, in words.
+
+    ``auto`` is decided from what the hardware is, never from timings, so that it is the same
+    on a busy machine and on an idle one: on CPU, ``bf16`` where the processor has bf16
+    dot-product or matrix instructions (a flag of ``FAST_BF16_FLAGS`` in ``flags``, default
+    :func:`cpu_flags`), which oneDNN's bf16 matmuls use; without them bf16 matmuls are emulated
+    and several times slower than fp32, so ``bf16-weights`` (bf16 weights, fp32 compute).  On
+    CUDA, ``bf16`` from compute capability 8.0 (bf16 tensor cores), else ``bf16-weights``.
+    """
     if precision != "auto":
-        return precision
-    return "bf16" if bf16_is_fast(device) else "bf16-weights"
+        return precision, "as asked"
+    if torch.device(device).type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 0):
+            return "bf16", f"auto: compute capability {major}.{minor} has bf16 tensor cores"
+        return "bf16-weights", f"auto: compute capability {major}.{minor} has no bf16 tensor cores"
+    if torch.device(device).type != "cpu":
+        return "bf16-weights", f"auto: no rule for {device}, the safe choice"
+    have = set((cpu_flags() if flags is None else flags).split())
+    found = [f for f in FAST_BF16_FLAGS if f in have]
+    if found:
+        return "bf16", f"auto: the CPU has {found[0]} (fast bf16 matmuls)"
+    return "bf16-weights", f"auto: the CPU has no {' or '.join(FAST_BF16_FLAGS)} (bf16 matmuls would be slow)"
+
+
+def resolve_precision(precision: str, device: str, flags: Optional[str] = None) -> str:
+    """The precision of :func:`precision_decision` without its reason."""
+    return precision_decision(precision, device, flags)[0]
+
+
+def checkpoint_precision(path: pathlib.Path) -> Optional[str]:
+    """The precision the checkpoint at ``path`` was trained with; None if there is no usable one (the
+    resume itself then reports why)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        return None
+    value = ckpt.get("config", {}).get("precision")
+    return value if value in ("bf16", "bf16-weights", "fp32") else None
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -111,7 +154,8 @@ class _Run:
         torch.manual_seed(cfg.seed)
         model = TinyGPT(cfg.model_config())
         lamb = cfg.optimizer == "lamb"
-        # LAMB: bf16 weights, fp32 masters in the optimizer.  AdamW (torch.optim): fp32 weights, as its users run it.
+        # LAMB: bf16 weights, fp32 masters in the optimizer.  AdamW (torch.optim): fp32 weights, as its users run
+        # it.  Both compute alike (see loss): bf16 autocast for "bf16", fp32 otherwise.
         self.param_dtype = torch.bfloat16 if (lamb and cfg.precision != "fp32") else torch.float32
         self.model = model.to(self.device, self.param_dtype)
         if lamb:
@@ -126,7 +170,18 @@ class _Run:
         self.param_names = [names[id(p)] for g in self.opt.param_groups for p in g["params"]]
         self.history: Dict[str, Any] = {"steps": [], "tokens": [], "train_loss": [], "lr": [], "grad_norm": [],
                                         "val_steps": [], "val_loss": [], "trust_ratio": [],
-                                        "param_names": self.param_names, "skipped_steps": 0, "wall_s": 0.0}
+                                        "param_names": self.param_names, "skipped_steps": 0, "wall_s": 0.0,
+                                        "warmup_s": 0.0, "timed_steps": 0, "timed_s": 0.0,
+                                        "precision": self.precision()}
+        self.compute_dtype: Optional[torch.dtype] = None  # of the logits of the last forward pass
+
+    def precision(self) -> Dict[str, Any]:
+        """The run's precision policy: ``--precision``, the compute (autocast or not), the weights' dtype
+        and the optimizer's master weights."""
+        compute = "bf16 autocast" if self.cfg.precision == "bf16" else "fp32"
+        masters = "fp32" if (isinstance(self.opt, Lamb) and self.param_dtype != torch.float32) else None
+        return {"policy": self.cfg.precision, "compute": compute, "weights": _short(self.param_dtype),
+                "masters": masters}
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.to(self.device), y.to(self.device)
@@ -138,6 +193,7 @@ class _Run:
             logits = torch.func.functional_call(self.model, params, (x,))
         else:
             logits = self.model(x)
+        self.compute_dtype = logits.dtype
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def train_step(self) -> float:
@@ -210,6 +266,26 @@ class _Run:
             raise CheckpointError(f"{path} does not fit this model/optimizer: {e}") from None
         self.step = int(ckpt["step"])
         self.history = ckpt["history"]
+        for key, value in (("warmup_s", 0.0), ("timed_steps", 0), ("timed_s", 0.0), ("precision", self.precision())):
+            self.history.setdefault(key, value)  # checkpoints written before these were kept
+
+    def uses_fused_cpu(self) -> bool:
+        """Whether the optimizer steps with the fused CPU kernels (numba), which compile on first use."""
+        if not isinstance(self.opt, Lamb) or self.device.type != "cpu":
+            return False
+        from .kernels import resolve_backend_name
+
+        return resolve_backend_name(self.opt.param_groups[0]["backend"], self.device) == "fused_cpu"
+
+    def warm_up(self) -> None:
+        """Compile (or load from numba's disk cache) the fused kernels for this run's dtypes at step
+        counts that take every bias-correction case met from step 1 to ``cfg.steps`` (at t = 356 the
+        mean's correction becomes exactly 1 at beta1 = 0.9, a loop of its own; see
+        :func:`mplamb.kernels.fused_cpu.warm_up`), so that no compilation happens during training."""
+        from .kernels import fused_cpu
+
+        last = max(1, self.cfg.steps)
+        fused_cpu.warm_up(dtypes=(self.param_dtype,), steps=tuple(sorted({1, min(last, 1000), last})))
 
 
 def train(cfg: TrainConfig, corpus: Corpus, out: Optional[pathlib.Path] = None, *, resume: bool = False,
@@ -219,6 +295,12 @@ def train(cfg: TrainConfig, corpus: Corpus, out: Optional[pathlib.Path] = None, 
 
     ``stop_after`` ends the run early (after that many steps in total) as an interruption would,
     leaving a checkpoint to ``resume`` from.
+
+    Timing: ``warmup_s`` is what each session spends before its steady state, compiling the fused
+    kernels ahead of the first step (:meth:`_Run.warm_up`) and the first step itself (torch's
+    one-time set-up); ``tokens_per_s`` counts only the training steps after it (``timed_steps``
+    in ``timed_s``; evaluations and checkpoints are not training), so compilation never passes for
+    training speed.  ``wall_s`` is everything.
     """
     run = _Run(cfg, corpus)
     ckpt = out / f"checkpoint-{cfg.optimizer}.pt" if out is not None else None
@@ -232,24 +314,40 @@ def train(cfg: TrainConfig, corpus: Corpus, out: Optional[pathlib.Path] = None, 
     def on_sigint(signum, frame):  # finish the current step, then save and stop
         interrupted["flag"] = True
 
+    h = run.history
+    start = time.perf_counter()
+    wall0 = h["wall_s"]
+    if run.step < cfg.steps:
+        if run.uses_fused_cpu():
+            log(f"{cfg.optimizer}: compiling the fused CPU kernels ahead of training (numba; loaded from its "
+                "disk cache after the first time) ...")
+            run.warm_up()
+        h["warmup_s"] += time.perf_counter() - start
     old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
     bar = _bar(progress, cfg, run.step)
-    start = time.perf_counter()
     first_step = run.step
-    wall0 = run.history["wall_s"]
+    session = {"steps": 0, "s": 0.0}  # this session's timed steps
     tokens_per_step = cfg.batch_size * cfg.context
     try:
         if run.step == 0:
             run.evaluate()
         while run.step < cfg.steps:
+            t0 = time.perf_counter()
             loss = run.train_step()
+            dt = time.perf_counter() - t0
+            if run.step - 1 == first_step:
+                h["warmup_s"] += dt
+            else:
+                h["timed_steps"] += 1
+                h["timed_s"] += dt
+                session["steps"] += 1
+                session["s"] += dt
             if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
                 run.evaluate()
-            run.history["wall_s"] = wall0 + time.perf_counter() - start
+            h["wall_s"] = wall0 + time.perf_counter() - start
             if bar is not None:
-                rate = (run.step - first_step) * tokens_per_step / max(1e-9, time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss:.3f}", val=f"{run.history['val_loss'][-1]:.3f}",
-                                tok_s=f"{rate:.0f}")
+                rate = session["steps"] * tokens_per_step / session["s"] if session["s"] > 0 else float("nan")
+                bar.set_postfix(loss=f"{loss:.3f}", val=f"{h['val_loss'][-1]:.3f}", tok_s=f"{rate:.0f}")
                 bar.update(1)
             if ckpt is not None and (run.step % ckpt_every == 0 or run.step == cfg.steps):
                 run.save(ckpt)
@@ -266,10 +364,15 @@ def train(cfg: TrainConfig, corpus: Corpus, out: Optional[pathlib.Path] = None, 
             signal.signal(signal.SIGINT, old_handler)
     h = run.history
     h["wall_s"] = wall0 + time.perf_counter() - start
-    h["tokens_per_s"] = h["tokens"][-1] / h["wall_s"] if h["tokens"] and h["wall_s"] > 0 else 0.0
+    h["tokens_per_s"] = h["timed_steps"] * tokens_per_step / h["timed_s"] if h["timed_s"] > 0 else None
+    h["compute_dtype"] = _short(run.compute_dtype) if run.compute_dtype is not None else None
     h["config"] = dataclasses.asdict(cfg)
     h["final_state"] = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     return h
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def _main_thread() -> bool:
@@ -307,14 +410,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "bf16-weights", "fp32"], default="auto",
                    help="bf16: bf16 weights and bf16 autocast compute; bf16-weights: bf16 weights, fp32 compute "
                         "(for CPUs without fast bf16 matrix units); fp32: no mixed precision. LAMB keeps fp32 "
-                        "master weights for bf16 weights. auto: bf16 where bf16 matmuls are fast, else bf16-weights")
+                        "master weights for bf16 weights. auto: bf16 where the processor has bf16 matrix "
+                        "instructions (CPU flags amx_bf16 or avx512_bf16; CUDA compute capability 8.0+), else "
+                        "bf16-weights; with --resume, the precision of the checkpoint")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validation evaluations")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches per evaluation")
     p.add_argument("--data", default=None, metavar="FILE",
                    help="train on this text file instead of Python's standard-library source")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--compare", choices=["adamw"], default=None,
-                   help="also train the same budget with torch.optim.AdamW (fp32 weights) and overlay the curves")
+                   help="also train the same budget with torch.optim.AdamW and overlay the curves: fp32 weights, "
+                        "computing as LAMB's run does (bf16 autocast for --precision bf16, fp32 otherwise)")
     p.add_argument("--compare-lr", type=float, default=3e-3, help="peak learning rate of the --compare optimizer")
     p.add_argument("--out", default="mplamb-report", help="report and checkpoint folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
@@ -322,7 +428,26 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# what the report needs beyond torch: module -> what for
+REPORT_PACKAGES = {"matplotlib": "the plots", "tqdm": "the progress bar"}
+
+
+def missing_report_packages(progress: bool = True) -> List[str]:
+    """The packages of ``REPORT_PACKAGES`` that do not import here (tqdm only with a progress bar)."""
+    missing = []
+    for name in REPORT_PACKAGES:
+        if name == "tqdm" and not progress:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    """``python -m mplamb train``: checks the arguments and the packages the report needs before any
+    training, trains LAMB (and ``--compare``'s optimizer), writes the report; the exit status."""
     from .demo import report
 
     def fail(msg: str) -> int:
@@ -341,22 +466,32 @@ def run_from_args(args: argparse.Namespace) -> int:
         return fail(f"--warmup must be >= 1, got {args.warmup}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         return fail("--device cuda: no CUDA device is available here")
+    missing = missing_report_packages(progress=not args.no_progress)
+    if missing:
+        what = ", ".join(f"{m} ({REPORT_PACKAGES[m]})" for m in missing)
+        hint = " (or run with --no-progress)" if missing == ["tqdm"] else ""
+        return fail(f"the report needs {what}, which this Python cannot import; install with: "
+                    f"{sys.executable} -m pip install {' '.join(missing)}{hint}")
     try:
         corpus = load_corpus(args.data, context=args.context)
     except (OSError, ValueError, RuntimeError) as e:
         return fail(str(e))
-    precision = resolve_precision(args.precision, args.device)
+    out = pathlib.Path(args.out)
+    saved = checkpoint_precision(out / "checkpoint-lamb.pt") if args.resume and args.precision == "auto" else None
+    if saved is not None:
+        precision, why = saved, "auto: the precision of the checkpoint being resumed"
+    else:
+        precision, why = precision_decision(args.precision, args.device)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                       weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
                       context=args.context, layers=args.layers, dim=args.dim, heads=args.heads, precision=precision,
                       eval_every=args.eval_every, eval_batches=args.eval_batches, data=args.data, device=args.device)
-    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     nparams = sum(p.numel() for p in TinyGPT(cfg.model_config()).parameters())
     print(f"data: {corpus.name} ({corpus.train.numel():,} train / {corpus.val.numel():,} validation bytes); "
           f"unigram baseline {corpus.unigram_loss:.3f} nats/byte")
     print(f"model: {nparams / 1e6:.2f}M params, {cfg.layers} layers x {cfg.dim} wide, context {cfg.context}; "
-          f"precision {precision}; {cfg.steps} steps of {cfg.batch_size}x{cfg.context} bytes")
+          f"precision {precision} ({why}); {cfg.steps} steps of {cfg.batch_size}x{cfg.context} bytes")
     runs: Dict[str, dict] = {}
     plan = [cfg] + ([dataclasses.replace(cfg, optimizer="adamw", lr=args.compare_lr)] if args.compare else [])
     try:

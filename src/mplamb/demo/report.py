@@ -6,7 +6,7 @@ import json
 import pathlib
 from typing import Dict, List, Optional
 
-__all__ = ["write_metrics", "plot_losses", "plot_trust_ratios", "summary_table"]
+__all__ = ["write_metrics", "plot_losses", "plot_trust_ratios", "summary_table", "precision_text"]
 
 
 def write_metrics(out: pathlib.Path, runs: Dict[str, dict]) -> None:
@@ -83,11 +83,26 @@ def plot_trust_ratios(out: pathlib.Path, run: dict) -> Optional[pathlib.Path]:
     return path
 
 
+def precision_text(run: dict) -> str:
+    """The run's precision policy in words, e.g. ``bf16 (bf16 autocast; bf16 weights, fp32 masters)``."""
+    p = run.get("precision") or {}
+    if not p:
+        return run.get("config", {}).get("precision", "?")
+    weights = f"{p['weights']} weights" + (f", {p['masters']} masters" if p.get("masters") else "")
+    return f"{p['policy']} ({p['compute']} compute; {weights})"
+
+
 def summary_table(runs: Dict[str, dict], unigram: float) -> str:
-    lines = ["| optimizer | steps | tokens | final train loss | final val loss | val loss vs unigram | tokens/s | "
-             "skipped steps | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    """The report's table, one row per optimizer, and a note on how speed is measured."""
+    lines = ["| optimizer | precision | steps | tokens | final train loss | final val loss | val loss vs unigram | "
+             "tokens/s | warm-up s | skipped steps | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
-        lines.append(f"| {name} | {run['steps'][-1]} | {run['tokens'][-1]:,} | {run['train_loss'][-1]:.3f} | "
-                     f"{run['val_loss'][-1]:.3f} | {run['val_loss'][-1] - unigram:+.3f} | {run['tokens_per_s']:.0f} | "
+        rate = run.get("tokens_per_s")
+        lines.append(f"| {name} | {precision_text(run)} | {run['steps'][-1]} | {run['tokens'][-1]:,} | "
+                     f"{run['train_loss'][-1]:.3f} | {run['val_loss'][-1]:.3f} | {run['val_loss'][-1] - unigram:+.3f} | "
+                     f"{'n/a' if rate is None else f'{rate:.0f}'} | {run.get('warmup_s', 0.0):.1f} | "
                      f"{run['skipped_steps']} | {run['wall_s']:.1f} |")
+    lines.append("")
+    lines.append("tokens/s: training steps after warm-up only (no evaluation or checkpointing); warm-up s: compiling "
+                 "the fused kernels ahead of training, and the first step, of each session; wall s: everything.")
     return "\n".join(lines)
