@@ -66,15 +66,16 @@ def scenario_ddp():
     return {"max_diff": max_diff(model.module, reference())}
 
 
-def scenario_zero1():
+def scenario_zero1(explicit=True):
+    """ZeRO-1; ``explicit=False``: no ``partition_group`` given, Lamb finds ZeRO's group itself."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_model())
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=mplamb.Lamb,
-                                  partition_group="world", **HP)
+                                  **(dict(partition_group="world") if explicit else {}), **HP)
     train(model, opt)
-    out = {"max_diff": max_diff(model.module, reference())}
+    out = {"max_diff": max_diff(model.module, reference()), "found_group": opt.optim.partition_group is not None}
     opt.consolidate_state_dict(to=0)
     if dist.get_rank() == 0:
         sd = opt.state_dict()
@@ -130,6 +131,43 @@ def scenario_fsdp2(dtype, local_norms=False, hp=HP):
             "total_collectives": comm.get_total_counts(), "local_sizes": local_sizes,
             "param_dtype": str(next(model.parameters()).dtype), "state_keys": sorted(state),
             "master_is_dtensor": type(state.get("master_weight", None)).__name__}
+
+
+def scenario_fsdp2_capturable():
+    """FSDP2 with the capturable step (the Triton backend, interpreted on CPU tensors): its sharded (dry) flow
+    makes no host synchronisation, clips (a second all-reduce, always, since it cannot ask the host), and
+    matches one process; a NaN on one shard is skipped on every rank."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Syncs.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = fsdp_model(torch.float32)
+    opt = mplamb.Lamb(model.parameters(), backend="triton", capturable=True, **HP)
+    x, y = data()
+    comms = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x).float(), y).backward()
+        with Syncs(), CommDebugMode() as comm:
+            opt.step()
+        comms.append(comm.get_total_counts())
+    out = {"max_diff": max_diff(model, reference()), "syncs": Syncs.count, "collectives": comms}
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x).float(), y).backward()
+    before = [full(p) for p in model.parameters()]
+    if dist.get_rank() == 1:
+        next(iter(model.parameters())).grad.to_local().view(-1)[0] = float("nan")
+    opt.step()
+    out["nan_skipped_everywhere"] = all(torch.equal(a, full(b)) for a, b in zip(before, model.parameters()))
+    out["skipped_steps"] = int(opt.skipped_steps)
+    return out
 
 
 def scenario_fsdp2_nan_on_one_shard():
@@ -209,6 +247,8 @@ def main():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
     for name, fn in [("ddp", scenario_ddp), ("zero1", scenario_zero1),
+                     ("zero1_auto_group", lambda: scenario_zero1(explicit=False)),
+                     ("fsdp2_capturable", scenario_fsdp2_capturable),
                      ("fsdp2_fp32", lambda: scenario_fsdp2(torch.float32)),
                      ("fsdp2_bf16", lambda: scenario_fsdp2(torch.bfloat16)),
                      ("fsdp2_local_norms", lambda: scenario_fsdp2(torch.float32, local_norms=True)),

@@ -58,6 +58,23 @@ def test_zero1_matches_single_process_and_consolidates(results):
     assert r0["consolidated_params_with_state"] == 4 and r0["consolidated_has_master_or_moments"]
 
 
+def test_zero1_finds_its_process_group_without_partition_group(results):
+    """Without partition_group each rank would clip by its own partition's norm (silently off)."""
+    r0, r1 = _ok(results, "zero1_auto_group")
+    assert r0["found_group"] and r1["found_group"]
+    assert r0["max_diff"] <= 1e-6 and r1["max_diff"] <= 1e-6
+    assert r0["nan_skipped_everywhere"] and r1["nan_skipped_everywhere"]
+
+
+def test_fsdp2_capturable_step_is_sync_free_and_exact(results):
+    r0, r1 = _ok(results, "fsdp2_capturable")
+    for r in (r0, r1):
+        assert r["syncs"] == 0
+        assert r["max_diff"] <= 1e-6
+        assert r["collectives"] == [2] * len(r["collectives"])  # clipping on: always the second pass
+        assert r["nan_skipped_everywhere"] and r["skipped_steps"] == 1
+
+
 def test_zero1_nan_on_one_partition_skips_on_every_rank(results):
     r0, r1 = _ok(results, "zero1")
     assert r0["nan_skipped_everywhere"] and r1["nan_skipped_everywhere"]
