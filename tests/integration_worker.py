@@ -63,7 +63,8 @@ def _hf_model(dtype):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(SEED)
-    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)  # dropout 0.1 stays on
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                     eos_token_id=0)  # dropout 0.1 stays on
     return GPT2LMHeadModel(cfg).to(dtype)
 
 
@@ -97,7 +98,7 @@ def _hf_trainer(out_dir, variant, stop_at=None):
 
 def _hf_result(trainer):
     names = {}
-    opt = trainer.optimizer
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # under accelerate's AcceleratedOptimizer
     pid = {id(p): n for n, p in trainer.model.named_parameters()}
     sd = opt.state_dict()
     params = [p for g in opt.param_groups for p in g["params"]]
