@@ -320,3 +320,18 @@ def test_compiled_training_step_reduce_overhead():
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_lamb_under_fsdp2_cpu_offload_matches_lamb_on_the_gpu():
+    """FSDP2 with CPUOffloadPolicy: Lamb steps the CPU shards (fused CPU kernels) and ends where Lamb on the
+    GPU without offload does (benchmarks/cpu_offload.py checks it and exits non-zero otherwise)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_offload.py"
+    out = subprocess.run([sys.executable, str(script), "--layers", "2", "--width", "64", "--steps", "4"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "MASTER_PORT": "29533"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "max |diff| = 0" in out.stdout
