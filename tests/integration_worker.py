@@ -128,6 +128,267 @@ def run_hf(phase, out):
             _dump(os.path.join(out, f"resumed_{variant}.pt"), tensors, **extra)
 
 
+# ---------------------------------------------------------------------------------------------- Lightning
+
+
+def _lightning_data():
+    """16 (x, y) pairs, 4 batches of 4 per epoch, in a fixed order."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(16, 8, generator=g)
+    y = x[:, :1] * 2 - x[:, 1:2] + 0.1 * torch.randn(16, 1, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=False,
+                                       num_workers=0)
+
+
+# Lightning resumes a plain DataLoader at an epoch boundary only (mid-epoch it restarts the epoch's batches and warns):
+# the checkpoint is taken after the first epoch of 4 batches, then 2 more steps.
+LN, LM = 4, 2
+
+
+def _lightning_module(clip_in_optimizer=True, optimizer="lamb"):
+    import lightning as L
+
+    class TinyRegressor(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(SEED)
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x).float(), y)
+
+        def configure_optimizers(self):
+            if optimizer == "adamw_fused":
+                return torch.optim.AdamW(self.parameters(), lr=1e-2, fused=True)
+            opt = mplamb.Lamb(mplamb.param_groups(self.net, weight_decay=0.01), lr=2e-2,
+                              max_grad_norm=1.0 if clip_in_optimizer else None)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))  # warm-up, per step
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return TinyRegressor()
+
+
+def _lightning_trainer(max_steps, ckpt_dir=None, **kw):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = []
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=LN,
+                                         save_top_k=-1, save_on_train_epoch_end=False))
+    return L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=max_steps,
+                     enable_checkpointing=True, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=callbacks, default_root_dir=ckpt_dir, deterministic=True, **kw)
+
+
+def _lightning_result(module, trainer):
+    opt = trainer.optimizers[0]
+    names = {i: n for i, (n, _) in enumerate(
+        (n, p) for g in opt.param_groups for p in g["params"] for n in [_param_name(module, p)])}
+    tensors = {f"w.{n}": p for n, p in module.named_parameters()}
+    tensors.update(_opt_tensors(opt.state_dict()["state"], names))
+    return tensors, dict(skipped=int(opt.skipped_steps), step=trainer.global_step, lr=opt.param_groups[0]["lr"])
+
+
+def _param_name(module, p):
+    return next(n for n, q in module.named_parameters() if q is p)
+
+
+def run_lightning(phase, out):
+    import lightning as L
+
+    L.seed_everything(SEED, verbose=False)
+    if phase == "train":
+        module = _lightning_module()
+        trainer = _lightning_trainer(LN + LM)
+        trainer.fit(module, _lightning_data())
+        tensors, extra = _lightning_result(module, trainer)
+        _dump(os.path.join(out, "full.pt"), tensors, **extra)
+        module = _lightning_module()
+        trainer = _lightning_trainer(LN, ckpt_dir=os.path.join(out, "ckpt"))
+        trainer.fit(module, _lightning_data())
+    elif phase == "resume":
+        module = _lightning_module()
+        trainer = _lightning_trainer(LN + LM, ckpt_dir=os.path.join(out, "ckpt"))  # the same callbacks
+        trainer.fit(module, _lightning_data(), ckpt_path=os.path.join(out, "ckpt", f"step={LN}.ckpt"))
+        tensors, extra = _lightning_result(module, trainer)
+        _dump(os.path.join(out, "resumed.pt"), tensors, **extra)
+    elif phase == "clip":  # Trainer(gradient_clip_val=...) under bf16-mixed, with Lamb and with fused AdamW
+        outcome = {}
+        for optimizer in ("lamb", "adamw_fused"):
+            module = _lightning_module(clip_in_optimizer=False, optimizer=optimizer)
+            trainer = _lightning_trainer(2, gradient_clip_val=1.0)
+            try:
+                trainer.fit(module, _lightning_data())
+                outcome[optimizer] = {"error": None, "step": trainer.global_step}
+            except RuntimeError as e:
+                outcome[optimizer] = {"error": str(e), "step": trainer.global_step}
+        with open(os.path.join(out, "clip.json"), "w") as f:
+            json.dump(outcome, f)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+NAN_STEP = 1  # (< N) rank 1 puts a NaN into one gradient of its own: every rank must skip this step
+LAMB_DIST = dict(lr=2e-2, weight_decay=0.01, max_grad_norm=1.0)
+
+
+def _mlp(dtype):
+    torch.manual_seed(SEED)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 1)).to(dtype)
+
+
+def _batch(step, rank):
+    """This rank's batch of `step` (each rank its own: data parallel)."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(4, 8, generator=g)
+    return x, x[:, :1] - 0.5 * x[:, 1:2] + 0.1 * torch.randn(4, 1, generator=g)
+
+
+def _train_steps(model, opt, start, stop, rank, dtype, nan_grad):
+    for step in range(start, stop):
+        opt.zero_grad()
+        x, y = _batch(step, rank)
+        nn.functional.mse_loss(model(x.to(dtype)).float(), y).backward()
+        if step == NAN_STEP and rank == 1:
+            nan_grad().view(-1)[0] = float("nan")
+        opt.step()
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _fsdp2_model():
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp(torch.bfloat16)  # bf16 parameters: Lamb keeps fp32 masters, sharded like them (DTensors)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def run_fsdp2_dcp(phase, out, rank):
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    def nan_grad():  # a gradient shard this rank holds (non-empty)
+        return next(p.grad.to_local() for p in model.parameters() if p.grad.to_local().numel())
+
+    def result(name):
+        names = {id(p): n for n, p in model.named_parameters()}
+        tensors = {f"w.{n}": _full(p) for n, p in model.named_parameters()}  # (collectives: same order everywhere)
+        for p in model.parameters():
+            for k, v in opt.state[p].items():
+                tensors[f"opt.{names[id(p)]}.{k}"] = _full(v)
+        info = {"skipped": int(opt.skipped_steps), "param_dtype": str(next(model.parameters()).dtype),
+                "state_types": sorted({f"{k}:{type(v).__name__}" for st in opt.state.values() for k, v in st.items()})}
+        if rank == 0:
+            _dump(os.path.join(out, f"{name}.pt"), tensors, **info)
+        return info
+
+    ckpt = os.path.join(out, "ckpt")
+    infos = {}
+    if phase == "train":
+        model = _fsdp2_model()
+        opt = mplamb.Lamb(model.parameters(), **LAMB_DIST)
+        _train_steps(model, opt, 0, N + M, rank, torch.bfloat16, nan_grad)
+        infos["full"] = result("full")
+        model = _fsdp2_model()
+        opt = mplamb.Lamb(model.parameters(), **LAMB_DIST)
+        _train_steps(model, opt, 0, N, rank, torch.bfloat16, nan_grad)
+        infos["saved_skipped"] = int(opt.skipped_steps)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=ckpt)
+    else:  # a fresh process: the same model and optimizer, then the checkpoint into them
+        model = _fsdp2_model()
+        opt = mplamb.Lamb(model.parameters(), **LAMB_DIST)
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=ckpt)
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"])
+        infos["loaded_skipped"] = int(opt.skipped_steps)
+        _train_steps(model, opt, N, N + M, rank, torch.bfloat16, nan_grad)
+        infos["resumed"] = result("resumed")
+    dist.barrier()
+    return infos
+
+
+def run_zero(phase, out, rank):
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def make(state=None):
+        module = _mlp(torch.float32)
+        if state is not None:
+            module.load_state_dict(state)
+        model = DDP(module)
+        # Lamb finds ZeRO's process group itself: clipping and the skip are agreed over the partitions
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=mplamb.Lamb, **LAMB_DIST)
+        return model, opt
+
+    def result(name):
+        opt.consolidate_state_dict(to=0)
+        info = {"skipped": int(opt.optim.skipped_steps), "partition_group": str(opt.optim.partition_group),
+                "local_params": len(opt.optim.param_groups[0]["params"])}
+        if rank == 0:
+            names = dict(enumerate(n for n, _ in model.module.named_parameters()))
+            tensors = {f"w.{n}": p for n, p in model.module.named_parameters()}
+            tensors.update(_opt_tensors(opt.state_dict()["state"], names))
+            ref = _zero_reference()
+            info["max_diff_vs_one_process"] = max(float((a.double() - b.double()).abs().max()) for a, b in
+                                                  zip(model.module.parameters(), ref.parameters()))
+            _dump(os.path.join(out, f"{name}.pt"), tensors, **info)
+        return info
+
+    def nan_grad():  # a parameter of rank 1's own partition
+        return opt.optim.param_groups[0]["params"][0].grad
+
+    ckpt = os.path.join(out, "ckpt.pt")
+    infos = {}
+    if phase == "train":
+        model, opt = make()
+        _train_steps(model, opt, 0, N + M, rank, torch.float32, nan_grad)
+        infos["full"] = result("full")
+        model, opt = make()
+        _train_steps(model, opt, 0, N, rank, torch.float32, nan_grad)
+        infos["saved_skipped"] = int(opt.optim.skipped_steps)
+        opt.consolidate_state_dict(to=0)
+        if rank == 0:
+            torch.save({"model": model.module.state_dict(), "optim": opt.state_dict()}, ckpt)
+        dist.barrier()
+    else:
+        sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model, opt = make(sd["model"])
+        opt.load_state_dict(sd["optim"])  # every rank takes its partition's state
+        infos["loaded_skipped"] = int(opt.optim.skipped_steps)
+        _train_steps(model, opt, N, N + M, rank, torch.float32, nan_grad)
+        infos["resumed"] = result("resumed")
+    dist.barrier()
+    return infos
+
+
+def _zero_reference():
+    """One process, plain Lamb, both ranks' batches at once (the same mean gradient), the NaN step skipped."""
+    model = _mlp(torch.float32)
+    opt = mplamb.Lamb(model.parameters(), **LAMB_DIST)
+    for step in range(N + M):
+        opt.zero_grad()
+        xs, ys = zip(*(_batch(step, r) for r in range(2)))
+        nn.functional.mse_loss(model(torch.cat(xs)), torch.cat(ys)).backward()
+        if step == NAN_STEP:
+            next(model.parameters()).grad.view(-1)[0] = float("nan")
+        opt.step()
+    assert opt.skipped_steps == 1
+    return model
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -139,8 +400,21 @@ def main():
 
     faulthandler.dump_traceback_later(float(os.environ.get("MPLAMB_INTEGRATION_TIMEOUT", "150")), exit=True)
     info = {"threads": torch.get_num_threads()}
+    if stack in ("fsdp2_dcp", "zero"):
+        import torch.distributed as dist
+
+        rank, world, port = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        run = run_fsdp2_dcp if stack == "fsdp2_dcp" else run_zero
+        info.update(run(phase, out, rank))
+        dist.destroy_process_group()
+        with open(os.path.join(out, f"{phase}_rank{rank}.json"), "w") as f:
+            json.dump(info, f)
+        return
     if stack == "hf":
         run_hf(phase, out)
+    elif stack == "lightning":
+        run_lightning(phase, out)
     else:
         raise SystemExit(f"unknown stack {stack!r}")
     with open(os.path.join(out, f"{phase}_info.json"), "w") as f:

@@ -10,8 +10,10 @@ import torch
 import mplamb
 from mplamb import cli
 from mplamb.bench.isolated import mxnet_python, own_process_peer_available
+from mplamb.demo import report
 from mplamb.demo.data import load_corpus
-from mplamb.train import CheckpointError, TrainConfig, train
+import mplamb.train as train_module
+from mplamb.train import CheckpointError, TrainConfig, precision_decision, train
 
 TINY = dict(steps=8, batch_size=4, context=16, layers=1, dim=16, heads=2, warmup=2, eval_every=4, eval_batches=2,
             lr=0.05)
@@ -40,9 +42,10 @@ def test_training_reduces_loss(corpus):
     assert len(h["trust_ratio"]) == 40 and len(h["trust_ratio"][0]) == len(h["param_names"])
 
 
+@pytest.mark.parametrize("precision", ["bf16-weights", "bf16"])
 @pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
-def test_resume_equals_uninterrupted_bitwise(tmp_path, corpus, optimizer):
-    cfg = TrainConfig(**TINY, optimizer=optimizer)
+def test_resume_equals_uninterrupted_bitwise(tmp_path, corpus, optimizer, precision):
+    cfg = TrainConfig(**TINY, optimizer=optimizer, precision=precision)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     full = train(cfg, corpus, tmp_path / "a", progress=False)
@@ -83,8 +86,117 @@ def test_cli_writes_the_report(tmp_path, text_file, capsys):
     assert rows[0].startswith("optimizer,step") and len(rows) == 1 + 2 * 8
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"lamb", "adamw"}
+    assert metrics["adamw"]["precision"] == {"policy": "bf16-weights", "compute": "fp32", "weights": "fp32",
+                                             "masters": None}
+    assert metrics["adamw"]["compute_dtype"] == metrics["lamb"]["compute_dtype"] == "fp32"
     text = capsys.readouterr().out
-    assert "| lamb |" in text and "| adamw |" in text and "unigram baseline" in text
+    assert "| lamb | bf16-weights (fp32 compute; bf16 weights, fp32 masters) |" in text
+    assert "| adamw | bf16-weights (fp32 compute; fp32 weights) |" in text and "unigram baseline" in text
+    assert "| tokens/s | warm-up s |" in text and "| tokens/s | warm-up s |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("precision,compute", [("bf16", "bf16"), ("bf16-weights", "fp32"), ("fp32", "fp32")])
+def test_compared_optimizers_compute_in_the_same_precision(corpus, precision, compute):
+    """AdamW keeps fp32 weights but computes as LAMB's run does (bf16 autocast for bf16): like with like."""
+    runs = {opt: train(TrainConfig(**{**TINY, "steps": 2}, optimizer=opt, precision=precision), corpus,
+                       progress=False) for opt in ("lamb", "adamw")}
+    for opt, h in runs.items():
+        assert h["compute_dtype"] == compute, opt  # the logits' dtype, seen in the forward pass
+        assert h["precision"]["policy"] == precision
+        assert h["precision"]["compute"] == ("bf16 autocast" if precision == "bf16" else "fp32")
+    assert runs["adamw"]["precision"]["weights"] == "fp32" and runs["adamw"]["precision"]["masters"] is None
+    lamb_weights = "fp32" if precision == "fp32" else "bf16"
+    assert runs["lamb"]["precision"]["weights"] == lamb_weights
+    assert runs["lamb"]["precision"]["masters"] == (None if precision == "fp32" else "fp32")
+
+
+def test_auto_precision_is_decided_from_the_cpu_flags_not_timings(monkeypatch):
+    flags = "fpu sse2 avx2 avx512f avx512bw"
+    assert precision_decision("auto", "cpu", flags + " amx_bf16 amx_tile")[0] == "bf16"
+    assert precision_decision("auto", "cpu", flags + " avx512_bf16")[0] == "bf16-weights"
+    assert precision_decision("auto", "cpu", flags)[0] == "bf16-weights"
+    assert precision_decision("auto", "cpu", "")[0] == "bf16-weights"
+    for asked in ("bf16", "bf16-weights", "fp32"):
+        assert precision_decision(asked, "cpu", flags) == (asked, "as asked")
+    assert "amx_bf16" in precision_decision("auto", "cpu", flags + " amx_bf16")[1]
+    assert isinstance(train_module.cpu_flags(), str)  # this machine's flags; "" where there is no /proc/cpuinfo
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: "avx2 amx_bf16")
+    assert train_module.resolve_precision("auto", "cpu") == "bf16"  # the default flags are cpu_flags()
+    assert not hasattr(train_module, "bf16_is_fast")  # no timing probe left to disagree with itself
+
+
+def test_resume_takes_the_checkpoints_precision(tmp_path, text_file, monkeypatch, capsys):
+    """--precision auto on --resume: the checkpoint's precision, whatever the machine would pick now."""
+    base = ["train", *TINY_ARGS, "--data", str(text_file), "--out", str(tmp_path)]
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: "avx2 amx_bf16")
+    assert cli.main(base) == 0
+    assert "precision bf16 (auto: the CPU has amx_bf16" in capsys.readouterr().out
+    assert torch.load(tmp_path / "checkpoint-lamb.pt", weights_only=True)["config"]["precision"] == "bf16"
+    monkeypatch.setattr(train_module, "cpu_flags", lambda: "avx2")  # now auto alone would say bf16-weights
+    assert cli.main([*base, "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "precision bf16 (auto: the precision of the checkpoint being resumed)" in captured.out
+    assert "another configuration" not in captured.err
+    assert cli.main([*base, "--resume", "--precision", "fp32"]) == 2  # an explicit other precision still differs
+    assert "precision: checkpoint 'bf16', now 'fp32'" in capsys.readouterr().err
+
+
+def test_throughput_excludes_warm_up(corpus, monkeypatch):
+    """Compiling the kernels ahead of training and the first step are warm-up, reported apart; tokens/s
+    counts only the steps after them."""
+    import time
+
+    calls = []
+    monkeypatch.setattr(train_module._Run, "uses_fused_cpu", lambda self: True)
+    monkeypatch.setattr(train_module._Run, "warm_up", lambda self: (calls.append(self.step), time.sleep(0.5)))
+    cfg = TrainConfig(**TINY)
+    h = train(cfg, corpus, progress=False, log=lambda msg: None)
+    assert calls == [0]  # before the first step
+    assert h["warmup_s"] >= 0.5 and h["timed_steps"] == cfg.steps - 1
+    assert h["timed_s"] + h["warmup_s"] <= h["wall_s"]
+    assert h["tokens_per_s"] == pytest.approx(h["timed_steps"] * cfg.batch_size * cfg.context / h["timed_s"])
+    table = report.summary_table({"lamb": h}, 3.0)
+    assert f"| {h['tokens_per_s']:.0f} | {h['warmup_s']:.1f} |" in table
+    one = train(TrainConfig(**{**TINY, "steps": 1}), corpus, progress=False, log=lambda msg: None)
+    assert one["timed_steps"] == 0 and one["tokens_per_s"] is None
+    assert "| n/a |" in report.summary_table({"lamb": one}, 3.0)
+
+
+def test_warm_up_covers_every_bias_case_of_the_run(corpus, monkeypatch):
+    """Step 1, and from t = 356 (beta1 = 0.9) the mean's bias divisor is exactly 1: another loop to compile."""
+    fused_cpu = pytest.importorskip("mplamb.kernels.fused_cpu")
+    seen = []
+    monkeypatch.setattr(fused_cpu, "warm_up", lambda dtypes, steps: seen.append((dtypes, steps)))
+    for steps, precision in [(400, "bf16"), (20000, "fp32"), (1, "bf16-weights")]:
+        train_module._Run(TrainConfig(**{**TINY, "steps": steps}, precision=precision), corpus).warm_up()
+    assert seen == [((torch.bfloat16,), (1, 400)), ((torch.float32,), (1, 1000, 20000)), ((torch.bfloat16,), (1,))]
+
+
+@pytest.mark.parametrize("missing,args,fragment", [
+    ("matplotlib", [], "matplotlib (the plots)"),
+    ("tqdm", [], "tqdm (the progress bar)"),
+])
+def test_cli_missing_report_packages_fail_before_training(tmp_path, text_file, monkeypatch, capsys, missing, args,
+                                                          fragment):
+    import sys
+
+    trained = []
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails as if not installed
+    monkeypatch.setattr(train_module, "train", lambda *a, **kw: trained.append(a))
+    argv = ["train", *[a for a in TINY_ARGS if a != "--no-progress"], "--data", str(text_file),
+            "--out", str(tmp_path / "report"), *args]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and f"-m pip install {missing}" in err
+    assert trained == [] and not (tmp_path / "report").exists()
+
+
+def test_tqdm_is_not_needed_without_a_progress_bar(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert train_module.missing_report_packages(progress=False) == []
+    assert train_module.missing_report_packages(progress=True) == ["tqdm"]
 
 
 @pytest.mark.parametrize("args,fragment", [
