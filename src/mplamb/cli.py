@@ -71,11 +71,58 @@ def _train(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _study(args: argparse.Namespace) -> int:
+    from . import study
+
+    overrides = dict(study.QUICK) if args.quick else {}
+    for name in ("budget", "base_batch", "seeds", "layers", "dim", "heads", "precision", "device"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.multipliers:
+        overrides["multipliers"] = tuple(int(k) for k in args.multipliers.split(","))
+    if args.lr_factors:
+        overrides["lr_factors"] = tuple(float(f) for f in args.lr_factors.split(","))
+    cfg = study.StudyConfig(**overrides)
+    if cfg.seeds < 1 or cfg.budget < 1 or not cfg.multipliers or not cfg.lr_factors:
+        print("error: --seeds, --budget, --multipliers and --lr-factors need positive values", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda: no CUDA device is available here", file=sys.stderr)
+            return 2
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="run", desc="study", dynamic_ncols=True)
+
+    def progress(label: str, finished: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = finished
+            if label:
+                bar.set_description_str(f"study: {label}")
+            bar.refresh()
+
+    out = pathlib.Path(args.out)
+    summary = study.run_study(cfg, out, progress=progress,
+                              log=(lambda msg: bar.write(msg)) if bar is not None else print)
+    if bar is not None:
+        bar.close()
+    print(study._table(summary))
+    print(f"\nwrote {out / 'study.md'}, {out / 'study.json'}, {out / 'study_loss.png'}, "
+          f"{out / 'study_sensitivity.png'} and the runs ({out / 'runs.jsonl'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mplamb",
         description="mplamb: exact, fast and safe LAMB for mixed-precision training.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,study}")
 
     from .train import add_train_arguments
 
@@ -116,6 +163,33 @@ def build_parser() -> argparse.ArgumentParser:
                             "fused kernels skip that division; the peers' step cost does not depend on t")
     bench.add_argument("--out", default="mplamb-report-bench", help="folder for bench.md/json/png")
     bench.set_defaults(func=_bench)
+
+    st = sub.add_parser(
+        "study", help="the large-batch study: LAMB against a tuned AdamW as the batch grows, with seeds",
+        description="At a fixed token budget, train the main job's model at batch multipliers 1x, 4x, 16x, "
+                    "64x with LAMB and AdamW: a sweep of log-spaced learning rates per batch size, then the best "
+                    "learning rate of each re-run with more seeds. Reports the final validation loss (mean and "
+                    "spread), LAMB - AdamW against the seeds' spread, and the learning-rate sensitivity "
+                    "(study.md/json, two plots). Each finished run is appended to runs.jsonl in --out, so an "
+                    "interrupted study resumes where it stopped. The defaults take about an hour and a half on "
+                    "2 CPU cores; --quick is a tiny version (about half a minute).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    st.add_argument("--quick", action="store_true", help="a tiny study (small model and budget, 2 lrs, 2 seeds)")
+    st.add_argument("--budget", type=int, default=None, help="training tokens per run (default 655360)")
+    st.add_argument("--base-batch", type=int, default=None, help="sequences per step at 1x (default 4)")
+    st.add_argument("--multipliers", default="", help="comma-separated batch multipliers (default 1,4,16,64)")
+    st.add_argument("--lr-factors", default="",
+                    help="comma-separated factors around each optimizer's sqrt-scaled lr (default 0.25,0.5,1,2,4)")
+    st.add_argument("--seeds", type=int, default=None, help="seeds of each best learning rate (default 3)")
+    st.add_argument("--layers", type=int, default=None, help="transformer blocks (default 4)")
+    st.add_argument("--dim", type=int, default=None, help="model width (default 128)")
+    st.add_argument("--heads", type=int, default=None, help="attention heads (default 4)")
+    st.add_argument("--precision", choices=["auto", "bf16", "bf16-weights", "fp32"], default=None,
+                    help="as for train (default bf16-weights: the same on every CPU, so a study resumes anywhere)")
+    st.add_argument("--device", default="cpu", help="cpu or cuda")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    st.add_argument("--out", default="mplamb-study", help="folder for runs.jsonl and the report")
+    st.set_defaults(func=_study)
     return parser
 
 
