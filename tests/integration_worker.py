@@ -1,13 +1,18 @@
 """One process of the framework integration tests (launched by tests/test_integrations.py).
 
-    python tests/integration_worker.py STACK PHASE OUT THREADS [RANK WORLD PORT]
+    python tests/integration_worker.py STACK PHASES OUT THREADS [RANK WORLD PORT]
 
 STACK: ``hf`` (transformers Trainer), ``lightning``, ``fsdp2_dcp`` (FSDP2 + torch.distributed.checkpoint),
-``zero`` (ZeroRedundancyOptimizer + DDP).  THREADS: ``1`` (``torch.set_num_threads(1)``) or ``default``.
+``ddp`` (DDP with a whole Lamb per rank, and DDP with ZeroRedundancyOptimizer; these two stacks as rank RANK of
+WORLD over gloo on 127.0.0.1:PORT).
+THREADS: comma-separated settings, each ``1`` (``torch.set_num_threads(1)``) or ``default`` (torch's own count),
+run one after the other in folders ``OUT/<setting>``.  PHASES: comma-separated, run in order for each setting.
 
-PHASE ``train`` runs the uninterrupted N+M steps (results in ``OUT/full*.pt``), then a fresh N-step run that
-saves its checkpoint in ``OUT/ckpt*``; PHASE ``resume`` loads that checkpoint, runs the last M steps and writes
-``OUT/resumed*.pt``.  The test launches ``resume`` as a new process and compares the two results bit for bit.
+PHASE ``train`` runs the uninterrupted N+M steps (results in ``full*.pt``), then a fresh N-step run that saves
+its checkpoint in ``ckpt*``; PHASE ``resume`` loads that checkpoint, runs the last M steps and writes
+``resumed*.pt``.  The test launches ``resume`` as a new process and compares the two results bit for bit.
+``lightning`` also has PHASE ``clip`` (Trainer(gradient_clip_val=...) with Lamb and fused AdamW under bf16-mixed,
+and with Lamb under 32-true; outcomes in ``clip.json``).
 Each result is a dict of CPU tensors (weights, optimizer state) plus a few numbers.  Nothing is downloaded:
 models are built from configs, data is made in memory.
 """
@@ -24,7 +29,6 @@ import mplamb
 
 N, M = 3, 3  # steps before the checkpoint, steps after it
 SEED = 1234
-STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "master_weight")
 
 
 def _dump(path, tensors, **extra):
@@ -169,17 +173,21 @@ def _lightning_module(clip_in_optimizer=True, optimizer="lamb"):
     return TinyRegressor()
 
 
-def _lightning_trainer(max_steps, ckpt_dir=None, **kw):
+def _lightning_trainer(max_steps, root, checkpoint_every=None, **kw):
+    """A CPU Trainer writing only under ``root``; with ``checkpoint_every``, a ModelCheckpoint every so many steps
+    in ``root/ckpt`` (otherwise Lightning's default one, at epoch ends, in ``root/checkpoints``)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks = []
-    if ckpt_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=LN,
-                                         save_top_k=-1, save_on_train_epoch_end=False))
-    return L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=max_steps,
+    if checkpoint_every is not None:
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), filename="{step}",
+                                         every_n_train_steps=checkpoint_every, save_top_k=-1,
+                                         save_on_train_epoch_end=False))
+    kw.setdefault("precision", "bf16-mixed")
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=root,
                      enable_checkpointing=True, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     callbacks=callbacks, default_root_dir=ckpt_dir, deterministic=True, **kw)
+                     callbacks=callbacks, deterministic=True, **kw)
 
 
 def _lightning_result(module, trainer):
@@ -201,29 +209,29 @@ def run_lightning(phase, out):
     L.seed_everything(SEED, verbose=False)
     if phase == "train":
         module = _lightning_module()
-        trainer = _lightning_trainer(LN + LM)
+        trainer = _lightning_trainer(LN + LM, os.path.join(out, "full"))
         trainer.fit(module, _lightning_data())
         tensors, extra = _lightning_result(module, trainer)
         _dump(os.path.join(out, "full.pt"), tensors, **extra)
         module = _lightning_module()
-        trainer = _lightning_trainer(LN, ckpt_dir=os.path.join(out, "ckpt"))
+        trainer = _lightning_trainer(LN, out, checkpoint_every=LN)
         trainer.fit(module, _lightning_data())
     elif phase == "resume":
         module = _lightning_module()
-        trainer = _lightning_trainer(LN + LM, ckpt_dir=os.path.join(out, "ckpt"))  # the same callbacks
+        trainer = _lightning_trainer(LN + LM, out, checkpoint_every=LN)  # the same callbacks
         trainer.fit(module, _lightning_data(), ckpt_path=os.path.join(out, "ckpt", f"step={LN}.ckpt"))
         tensors, extra = _lightning_result(module, trainer)
         _dump(os.path.join(out, "resumed.pt"), tensors, **extra)
     elif phase == "clip":  # Trainer(gradient_clip_val=...) under bf16-mixed, with Lamb and with fused AdamW
         outcome = {}
-        for optimizer in ("lamb", "adamw_fused"):
+        for optimizer, precision in (("lamb", "bf16-mixed"), ("adamw_fused", "bf16-mixed"), ("lamb", "32-true")):
             module = _lightning_module(clip_in_optimizer=False, optimizer=optimizer)
-            trainer = _lightning_trainer(2, gradient_clip_val=1.0)
+            trainer = _lightning_trainer(2, os.path.join(out, "clip"), gradient_clip_val=1.0, precision=precision)
             try:
                 trainer.fit(module, _lightning_data())
-                outcome[optimizer] = {"error": None, "step": trainer.global_step}
+                outcome[f"{optimizer} {precision}"] = {"error": None, "step": trainer.global_step}
             except RuntimeError as e:
-                outcome[optimizer] = {"error": str(e), "step": trainer.global_step}
+                outcome[f"{optimizer} {precision}"] = {"error": str(e), "step": trainer.global_step}
         with open(os.path.join(out, "clip.json"), "w") as f:
             json.dump(outcome, f)
 
@@ -246,12 +254,16 @@ def _batch(step, rank):
     return x, x[:, :1] - 0.5 * x[:, 1:2] + 0.1 * torch.randn(4, 1, generator=g)
 
 
-def _train_steps(model, opt, start, stop, rank, dtype, nan_grad):
+def _train_steps(model, opt, start, stop, rank, dtype, nan_grad=None, nan_input=False):
+    """Steps ``start`` to ``stop - 1``; on NAN_STEP rank 1 puts a NaN into its batch (``nan_input``) or, after the
+    backward pass, into the gradient ``nan_grad()`` returns."""
     for step in range(start, stop):
         opt.zero_grad()
         x, y = _batch(step, rank)
+        if step == NAN_STEP and rank == 1 and nan_input:
+            x[0, 0] = float("nan")
         nn.functional.mse_loss(model(x.to(dtype)).float(), y).backward()
-        if step == NAN_STEP and rank == 1:
+        if step == NAN_STEP and rank == 1 and nan_grad is not None:
             nan_grad().view(-1)[0] = float("nan")
         opt.step()
 
@@ -297,11 +309,11 @@ def run_fsdp2_dcp(phase, out, rank):
     if phase == "train":
         model = _fsdp2_model()
         opt = mplamb.Lamb(model.parameters(), **LAMB_DIST)
-        _train_steps(model, opt, 0, N + M, rank, torch.bfloat16, nan_grad)
+        _train_steps(model, opt, 0, N + M, rank, torch.bfloat16, nan_grad=nan_grad)
         infos["full"] = result("full")
         model = _fsdp2_model()
         opt = mplamb.Lamb(model.parameters(), **LAMB_DIST)
-        _train_steps(model, opt, 0, N, rank, torch.bfloat16, nan_grad)
+        _train_steps(model, opt, 0, N, rank, torch.bfloat16, nan_grad=nan_grad)
         infos["saved_skipped"] = int(opt.skipped_steps)
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
                  checkpoint_id=ckpt)
@@ -313,68 +325,81 @@ def run_fsdp2_dcp(phase, out, rank):
         set_model_state_dict(model, sd["model"])
         set_optimizer_state_dict(model, opt, sd["optim"])
         infos["loaded_skipped"] = int(opt.skipped_steps)
-        _train_steps(model, opt, N, N + M, rank, torch.bfloat16, nan_grad)
+        _train_steps(model, opt, N, N + M, rank, torch.bfloat16, nan_grad=nan_grad)
         infos["resumed"] = result("resumed")
     dist.barrier()
     return infos
 
 
-def run_zero(phase, out, rank):
+def run_ddp(phase, out, rank):
+    """Variant ``ddp``: DDP and a whole Lamb on every rank, rank 0 saves ``opt.state_dict()``; a NaN in rank 1's
+    batch (DDP's all-reduce spreads it to every rank's gradients).  Variant ``zero``: DDP and
+    ZeroRedundancyOptimizer(optimizer_class=Lamb), ``consolidate_state_dict`` then rank 0 saves; a NaN put into a
+    gradient of rank 1's own partition after the all-reduce (only Lamb's agreement over ZeRO's group makes rank 0
+    skip too)."""
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    def make(state=None):
+    def make(variant, state=None):
         module = _mlp(torch.float32)
         if state is not None:
             module.load_state_dict(state)
         model = DDP(module)
+        if variant == "ddp":
+            return model, mplamb.Lamb(model.parameters(), **LAMB_DIST)
         # Lamb finds ZeRO's process group itself: clipping and the skip are agreed over the partitions
-        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=mplamb.Lamb, **LAMB_DIST)
-        return model, opt
+        return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=mplamb.Lamb, **LAMB_DIST)
 
-    def result(name):
-        opt.consolidate_state_dict(to=0)
-        info = {"skipped": int(opt.optim.skipped_steps), "partition_group": str(opt.optim.partition_group),
-                "local_params": len(opt.optim.param_groups[0]["params"])}
+    def local(opt):  # the Lamb of this rank
+        return getattr(opt, "optim", opt)
+
+    def state_dict(opt):  # the whole optimizer's state dict, on rank 0 (collective for ZeRO)
+        if isinstance(opt, ZeroRedundancyOptimizer):
+            opt.consolidate_state_dict(to=0)
+        return opt.state_dict() if rank == 0 else None
+
+    def result(variant, model, opt, name):
+        sd = state_dict(opt)
+        info = {"skipped": int(local(opt).skipped_steps), "partition_group": str(local(opt).partition_group),
+                "local_params": len(local(opt).param_groups[0]["params"])}
         if rank == 0:
             names = dict(enumerate(n for n, _ in model.module.named_parameters()))
             tensors = {f"w.{n}": p for n, p in model.module.named_parameters()}
-            tensors.update(_opt_tensors(opt.state_dict()["state"], names))
-            ref = _zero_reference()
-            info["max_diff_vs_one_process"] = max(float((a.double() - b.double()).abs().max()) for a, b in
-                                                  zip(model.module.parameters(), ref.parameters()))
-            _dump(os.path.join(out, f"{name}.pt"), tensors, **info)
+            tensors.update(_opt_tensors(sd["state"], names))
+            ref = _one_process_reference()
+            info["max_diff_vs_one_process"] = max(float((a.detach().double() - b.detach().double()).abs().max())
+                                                  for a, b in zip(model.module.parameters(), ref.parameters()))
+            _dump(os.path.join(out, f"{name}_{variant}.pt"), tensors, **info)
         return info
 
-    def nan_grad():  # a parameter of rank 1's own partition
-        return opt.optim.param_groups[0]["params"][0].grad
-
-    ckpt = os.path.join(out, "ckpt.pt")
     infos = {}
-    if phase == "train":
-        model, opt = make()
-        _train_steps(model, opt, 0, N + M, rank, torch.float32, nan_grad)
-        infos["full"] = result("full")
-        model, opt = make()
-        _train_steps(model, opt, 0, N, rank, torch.float32, nan_grad)
-        infos["saved_skipped"] = int(opt.optim.skipped_steps)
-        opt.consolidate_state_dict(to=0)
-        if rank == 0:
-            torch.save({"model": model.module.state_dict(), "optim": opt.state_dict()}, ckpt)
+    for variant in ("ddp", "zero"):
+        ckpt = os.path.join(out, f"ckpt_{variant}.pt")
+        how = dict(nan_input=True) if variant == "ddp" else dict(
+            nan_grad=lambda: local(opt).param_groups[0]["params"][0].grad)  # (in rank 1's own partition)
+        if phase == "train":
+            model, opt = make(variant)
+            _train_steps(model, opt, 0, N + M, rank, torch.float32, **how)
+            infos[f"full_{variant}"] = result(variant, model, opt, "full")
+            model, opt = make(variant)
+            _train_steps(model, opt, 0, N, rank, torch.float32, **how)
+            infos[f"saved_skipped_{variant}"] = int(local(opt).skipped_steps)
+            sd = state_dict(opt)
+            if rank == 0:  # (Lamb's skip counter travels inside the optimizer state dict, ZeRO's too)
+                torch.save({"model": model.module.state_dict(), "optim": sd}, ckpt)
+        else:  # fresh processes: every rank loads rank 0's file
+            sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+            model, opt = make(variant, sd["model"])
+            opt.load_state_dict(sd["optim"])  # ZeRO: every rank takes its partition's state
+            infos[f"loaded_skipped_{variant}"] = int(local(opt).skipped_steps)
+            _train_steps(model, opt, N, N + M, rank, torch.float32, **how)
+            infos[f"resumed_{variant}"] = result(variant, model, opt, "resumed")
         dist.barrier()
-    else:
-        sd = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model, opt = make(sd["model"])
-        opt.load_state_dict(sd["optim"])  # every rank takes its partition's state
-        infos["loaded_skipped"] = int(opt.optim.skipped_steps)
-        _train_steps(model, opt, N, N + M, rank, torch.float32, nan_grad)
-        infos["resumed"] = result("resumed")
-    dist.barrier()
     return infos
 
 
-def _zero_reference():
+def _one_process_reference():
     """One process, plain Lamb, both ranks' batches at once (the same mean gradient), the NaN step skipped."""
     model = _mlp(torch.float32)
     opt = mplamb.Lamb(model.parameters(), **LAMB_DIST)
@@ -393,32 +418,36 @@ def _zero_reference():
 
 
 def main():
-    stack, phase, out, threads = sys.argv[1:5]
-    if threads != "default":
-        torch.set_num_threads(int(threads))
+    stack, phases, out, threads = sys.argv[1:5]
     import faulthandler
 
     faulthandler.dump_traceback_later(float(os.environ.get("MPLAMB_INTEGRATION_TIMEOUT", "150")), exit=True)
-    info = {"threads": torch.get_num_threads()}
-    if stack in ("fsdp2_dcp", "zero"):
+    default_threads = torch.get_num_threads()
+    rank = None
+    if stack in ("fsdp2_dcp", "ddp"):
         import torch.distributed as dist
 
         rank, world, port = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        run = run_fsdp2_dcp if stack == "fsdp2_dcp" else run_zero
-        info.update(run(phase, out, rank))
-        dist.destroy_process_group()
-        with open(os.path.join(out, f"{phase}_rank{rank}.json"), "w") as f:
-            json.dump(info, f)
-        return
-    if stack == "hf":
-        run_hf(phase, out)
-    elif stack == "lightning":
-        run_lightning(phase, out)
-    else:
+    runs = {"hf": run_hf, "lightning": run_lightning, "fsdp2_dcp": run_fsdp2_dcp, "ddp": run_ddp}
+    if stack not in runs:
         raise SystemExit(f"unknown stack {stack!r}")
-    with open(os.path.join(out, f"{phase}_info.json"), "w") as f:
-        json.dump(info, f)
+    for t in threads.split(","):  # each setting in its own folder: OUT/1, OUT/default
+        torch.set_num_threads(default_threads if t == "default" else int(t))
+        sub = os.path.join(out, t)
+        os.makedirs(sub, exist_ok=True)
+        for phase in phases.split(","):
+            info = {"threads": torch.get_num_threads()}
+            if rank is None:
+                runs[stack](phase, sub)
+                name = f"{phase}_info.json"
+            else:
+                info.update(runs[stack](phase, sub, rank))
+                name = f"{phase}_rank{rank}.json"
+            with open(os.path.join(sub, name), "w") as f:
+                json.dump(info, f)
+    if rank is not None:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def test_skipped_steps_travel_inside_state_and_param_groups():
     carried = {"state": sd["state"], "param_groups": sd["param_groups"]}
     other = mplamb.Lamb(model().parameters())
     other.load_state_dict(copy.deepcopy(carried))
-    assert other.skipped_steps == 2 and "skipped_steps" not in other.param_groups[0]
+    assert other.skipped_steps == 2 and other.param_groups[0]["skipped_steps"] == 2
 
 
 def test_skipped_steps_survive_dcp_state_dict_helpers():

@@ -305,7 +305,6 @@ class Lamb(Optimizer):
         super().__init__(params, defaults)
 
     def _init_counters(self) -> None:
-        self._skipped = 0  # skips decided on the host
         self._skipped_on_device: Optional[torch.Tensor] = None  # skips decided on the device (capturable steps)
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._last: List[Tuple[List[torch.Tensor], StepResult]] = []
@@ -337,6 +336,19 @@ class Lamb(Optimizer):
         self._skipped = int(extra.get("skipped", 0))
         self._skipped_on_device = extra.get("skipped_on_device")
         self.last_grad_norm = extra.get("last_grad_norm")
+
+    @property
+    def _skipped(self) -> int:
+        """Skips decided on the host, kept in the live ``param_groups[0]["skipped_steps"]``: what torch's
+        state-dict protocol carries, and what ``ZeroRedundancyOptimizer`` copies between its own param groups
+        and this optimizer's (its checkpoints never call this optimizer's ``state_dict``)."""
+        groups = self.__dict__.get("param_groups") or [{}]
+        return int(groups[0].get("skipped_steps", 0))
+
+    @_skipped.setter
+    def _skipped(self, value: int) -> None:
+        if self.__dict__.get("param_groups"):
+            self.param_groups[0]["skipped_steps"] = int(value)
 
     @property
     def skipped_steps(self) -> Any:
@@ -742,9 +754,9 @@ class Lamb(Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """``torch.optim`` state dict plus ``"mplamb": {"skipped_steps": n}``; masters included."""
         sd = super().state_dict()
-        skipped = int(self.skipped_steps)
+        skipped = int(self.skipped_steps)  # (waits for the device where skips were counted there)
         sd["mplamb"] = {"skipped_steps": skipped}
-        if sd["param_groups"]:  # also where torch.distributed.checkpoint carries it (only state and param_groups)
+        if sd["param_groups"]:  # where torch.distributed.checkpoint carries it (only state and param_groups)
             sd["param_groups"][0]["skipped_steps"] = skipped
         return sd
 
@@ -762,7 +774,7 @@ class Lamb(Optimizer):
         extra = state_dict.pop("mplamb", {}) or {}
         groups_in = state_dict["param_groups"]
         skipped = extra.get("skipped_steps", groups_in[0].get("skipped_steps", 0) if groups_in else 0)
-        saved_groups = state_dict["param_groups"] = [  # the counter is no hyper-parameter: not into param_groups
+        saved_groups = state_dict["param_groups"] = [  # (set below through the skipped_steps property)
             {k: v for k, v in g.items() if k != "skipped_steps"} for g in groups_in]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict: has {len(saved_groups)} param groups, this optimizer has "
