@@ -98,6 +98,7 @@ class _Work:
     grads: List[torch.Tensor] = None  # type: ignore[assignment]  # this step's gradients (local shards), one list
     fresh: List[torch.Tensor] = None  # type: ignore[assignment]  # the parameters whose state this step created
     capturable: bool = False  # step counts, lr and the skip decision on the device (no host synchronisation)
+    counts: Optional[torch.Tensor] = None  # host flow: the work's step counts, of which each state["step"] is a view
 
 
 _KEYWORD_DEFAULTS = {"capturable": None, "foreach": None, "fused": None, "maximize": False, "differentiable": False}
@@ -143,21 +144,33 @@ def _enclosing_zero_group() -> Optional[Any]:
     return None
 
 
-def _step_counts_as(states: List[Dict[str, Any]], capturable: bool, device: torch.device, memo: Dict[str, Any]) -> None:
-    """Every ``state["step"]`` as its work steps with it, a 0-d float32 tensor as torch's optimizers keep
-    it: on the CPU, or (capturable) on ``device``.  A count loaded or made otherwise (an int, another
-    device) is converted once; the counts found right are remembered in ``memo``, so a step checks
-    them without a per-tensor Python loop."""
+def _step_counts_as(states: List[Dict[str, Any]], capturable: bool, device: torch.device,
+                    memo: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """Every ``state["step"]`` as its work steps with it, a 0-d float32 tensor as torch's optimizers keep it.
+
+    Capturable: a tensor of its own on ``device`` (the kernels read and advance it there).  Otherwise
+    a 0-d view, on the CPU, of one float32 tensor holding the whole work's counts, which is returned: a
+    step reads all counts with one ``tolist()`` and advances them with one ``add_`` instead of an
+    operation per tensor.  A count loaded or made otherwise (an int, another tensor) is converted
+    once; the counts found right are remembered in ``memo``, so a step checks them without a
+    per-tensor Python loop.
+    """
     counts = [st["step"] for st in states]
     held = memo.get("step_counts")
-    if held is not None and len(held) == len(counts) and all(map(operator.is_, held, counts)):
-        return
-    where = device if capturable else torch.device("cpu")
-    for st in states:
-        s = st["step"]
-        if not isinstance(s, torch.Tensor) or s.device != where or s.dtype != torch.float32 or s.dim():
-            st["step"] = torch.tensor(float(s), dtype=torch.float32, device=where)
-    memo["step_counts"] = [st["step"] for st in states]
+    if held is not None and len(held[0]) == len(counts) and all(map(operator.is_, held[0], counts)):
+        return held[1]
+    flat = None
+    if capturable:
+        for st in states:
+            s = st["step"]
+            if not isinstance(s, torch.Tensor) or s.device != device or s.dtype != torch.float32 or s.dim():
+                st["step"] = torch.tensor(float(s), dtype=torch.float32, device=device)
+    else:
+        flat = torch.tensor([float(c) for c in counts], dtype=torch.float32)
+        for st, view in zip(states, flat.unbind()):
+            st["step"] = view
+    memo["step_counts"] = ([st["step"] for st in states], flat)
+    return flat
 
 
 def _same_device_index(p: torch.Tensor, grad: torch.Tensor, index: int) -> bool:
@@ -637,7 +650,7 @@ class Lamb(Optimizer):
             sumsq, steps, ratios = finish_norms(batch, sumsq, local_reducer)
             w.backend.phase2_batch(batch, p1, steps)  # (capturable: it advances the device step counts)
             if not w.capturable:
-                torch._foreach_add_([st["step"] for st in w.states], 1.0)
+                w.counts.add_(1.0)  # every state["step"] of the work: views of this one tensor
             self._last.append((w.params, StepResult(sumsq=sumsq, step_sizes=steps, trust_ratios=ratios)))
 
     def _batch(self, work: _Work, grad_norm: Optional[torch.Tensor], inv_scale: Optional[torch.Tensor],
@@ -650,10 +663,9 @@ class Lamb(Optimizer):
         work.fresh = [p for p, st in zip(work.params, states) if not st]
         for p in work.fresh:  # lazy state, created on a parameter's first applied step
             self._init_state(p, self.state[p], work.master, work.capturable)
-        _step_counts_as(states, work.capturable, device, work.memo)
+        work.counts = _step_counts_as(states, work.capturable, device, work.memo)
         # capturable: the counts stay on the device, and with them the bias corrections (bias_table)
-        steps = [1] * len(states) if work.capturable else [int(t) + 1 for t in torch.stack(
-            [st["step"] for st in states]).tolist()]
+        steps = [1] * len(states) if work.capturable else [int(t) + 1 for t in work.counts.tolist()]
         cdtype = torch.float32 if work.master else compute_dtype(work.params[0].dtype)
         # maximize: the gradient negated, exactly (IEEE negation commutes with the scaling and the clip)
         rescale_grad = -float(group["rescale_grad"]) if group["maximize"] else float(group["rescale_grad"])
@@ -754,6 +766,10 @@ class Lamb(Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """``torch.optim`` state dict plus ``"mplamb": {"skipped_steps": n}``; masters included."""
         sd = super().state_dict()
+        for key, st in list(sd["state"].items()):  # a count of its own, not a view of the work's counts
+            step = st.get("step")
+            if isinstance(step, torch.Tensor) and step._base is not None:
+                sd["state"][key] = {**st, "step": step.clone()}
         skipped = int(self.skipped_steps)  # (waits for the device where skips were counted there)
         sd["mplamb"] = {"skipped_steps": skipped}
         if sd["param_groups"]:  # where torch.distributed.checkpoint carries it (only state and param_groups)
