@@ -50,6 +50,7 @@ def test_plan_best_lr_seeds_and_verdicts(cfg, tmp_path, monkeypatch):
             centre = dict(cfg.base_lr)[opt] * math.sqrt(row["multiplier"])
             assert row[opt]["lr"] == pytest.approx(centre, rel=1e-5)  # the sweep found the minimum
             assert len(row[opt]["losses"]) == 3 and row[opt]["std"] == pytest.approx(0.01)
+    assert not any(r[o]["edge"] for r in summary["rows"] for o in ("lamb", "adamw"))
     verdicts = [r["verdict"] for r in summary["rows"]]
     assert verdicts == ["AdamW wins", "tie", "LAMB wins"]  # +0.1, 0.0, -0.1 against a spread of 0.01
     for name in ("study.md", "study.json", "study_loss.png", "study_sensitivity.png"):
@@ -90,6 +91,11 @@ def test_a_diverged_run_never_wins(cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(study, "_train_one", train_one)
     summary = study.run_study(cfg, tmp_path, log=lambda m: None)
     assert all(not math.isnan(r[o]["mean"]) for r in summary["rows"] for o in ("lamb", "adamw"))
+    monotone, _ = fake_losses(lambda opt, k, lr, seed: 3.0 - lr + 0.01 * seed)  # best at the largest lr
+    monkeypatch.setattr(study, "_train_one", monotone)
+    summary = study.run_study(cfg, tmp_path / "edge", log=lambda m: None)
+    assert all(r[o]["edge"] for r in summary["rows"] for o in ("lamb", "adamw"))
+    assert "(grid edge)" in (tmp_path / "edge" / "study.md").read_text()
 
 
 def test_quick_study_through_the_cli(tmp_path, capsys):

@@ -182,7 +182,8 @@ def summarise(cfg: StudyConfig, done: Dict[Tuple, Dict[str, Any]], unigram: floa
             lr = best.get((opt, k))
             losses = [done[key]["final_val_loss"] for s in range(cfg.seeds)
                       if lr is not None and (key := (opt, k, lr, s)) in done]
-            row[opt] = {"lr": lr, "losses": losses,
+            grid = [_lr(cfg, opt, k, f) for f in cfg.lr_factors]
+            row[opt] = {"lr": lr, "losses": losses, "edge": lr is not None and len(grid) > 2 and lr in (min(grid), max(grid)),
                         "mean": statistics.mean(losses) if losses else None,
                         "std": statistics.stdev(losses) if len(losses) > 1 else 0.0}
         if "lamb" in row and "adamw" in row and row["lamb"]["mean"] is not None and row["adamw"]["mean"] is not None:
@@ -213,11 +214,14 @@ def _table(summary: Dict[str, Any]) -> str:
     def cell(r: Dict[str, Any]) -> str:
         return "-" if r["mean"] is None else f"{r['mean']:.4f} ± {r['std']:.4f} (n={len(r['losses'])})"
 
+    def lr(r: Optional[Dict[str, Any]]) -> str:
+        return "-" if not r or r["lr"] is None else f"{r['lr']:g}" + (" (grid edge)" if r.get("edge") else "")
+
     for row in summary["rows"]:
         lamb, adamw = row.get("lamb"), row.get("adamw")
         lines.append(f"| {row['batch']} ({row['multiplier']}x) | {row['steps']} | "
-                     f"{lamb['lr'] if lamb else '-'} | {cell(lamb) if lamb else '-'} | "
-                     f"{adamw['lr'] if adamw else '-'} | {cell(adamw) if adamw else '-'} | "
+                     f"{lr(lamb)} | {cell(lamb) if lamb else '-'} | "
+                     f"{lr(adamw)} | {cell(adamw) if adamw else '-'} | "
                      f"{row.get('lamb_minus_adamw', float('nan')):+.4f} | {row.get('verdict', '-')} |")
     return "\n".join(lines)
 
