@@ -104,5 +104,5 @@ def summary_table(runs: Dict[str, dict], unigram: float) -> str:
                      f"{run['skipped_steps']} | {run['wall_s']:.1f} |")
     lines.append("")
     lines.append("tokens/s: training steps after warm-up only (no evaluation or checkpointing); warm-up s: compiling "
-                 "the fused kernels ahead of training, and the first step, of each session; wall s: everything.")
+                 "the fused kernels ahead of training, and the first step, of each run or resume; wall s: everything.")
     return "\n".join(lines)
