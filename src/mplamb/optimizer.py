@@ -10,14 +10,16 @@ from __future__ import annotations
 import operator
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch.optim import Optimizer
 
 from ._scalars import Phase1Scalars, bias_table, compute_dtype, phase1_scalars
-from ._validate import HALF_DTYPES, check_beta, check_real
+from ._validate import check_beta, check_real
 from .distributed import DTensor, all_reduce_sum, local, shard_group
+from .lean_state import check_storage, convert, init_state, param_storage, state_memory
+from .kernels import codec
 from .kernels import (BACKENDS, DeviceScalars, LambBatch, StepResult, choose_backend, finish_norms, get_backend,
                       local_reducer, plan_phase1)
 
@@ -62,7 +64,8 @@ def check_group(group: Dict[str, Any]) -> None:
     for name in ("lower_bound", "upper_bound"):
         _check_optional_positive(name, group[name], " (use None for no bound)")
     _check_optional_positive("max_trust_ratio", group["max_trust_ratio"])
-    for name in ("master_weights", "capturable", "foreach", "fused"):
+    check_storage(group)
+    for name in ("capturable", "foreach", "fused"):
         if group[name] is not None and not isinstance(group[name], bool):
             raise TypeError(f"{name}: expected None or a bool, got {type(group[name]).__name__}")
     _check_flag("maximize", group["maximize"])
@@ -89,6 +92,8 @@ class _Work:
     group: Dict[str, Any]
     params: List[torch.Tensor]
     master: bool
+    fmt: str = "fp32"  # the moments' storage format (lean_state.param_storage)
+    kahan: bool = False  # Kahan-compensated weights instead of masters
     group_pg: Any = None  # the process group summing partial norms (None: norms are whole)
     dtensor: bool = False  # DTensor parameters: kernels see their local shards
     backend: Any = None
@@ -101,7 +106,7 @@ class _Work:
     counts: Optional[torch.Tensor] = None  # host flow: the work's step counts, of which each state["step"] is a view
 
 
-_KEYWORD_DEFAULTS = {"capturable": None, "foreach": None, "fused": None, "maximize": False, "differentiable": False}
+_KEYWORD_DEFAULTS = {"moments": "fp32", "capturable": None, "foreach": None, "fused": None, "maximize": False, "differentiable": False}
 
 
 class _Shared:
@@ -289,7 +294,8 @@ class Lamb(Optimizer):
         upper_bound: Optional[float] = None,
         max_trust_ratio: Optional[float] = None,
         layer_adaptation: bool = True,
-        master_weights: Optional[bool] = None,
+        master_weights: Optional[Union[bool, str]] = None,
+        moments: str = "fp32",
         backend: str = "auto",
         capturable: Optional[bool] = None,
         foreach: Optional[bool] = None,
@@ -304,7 +310,7 @@ class Lamb(Optimizer):
             weight_decay=weight_decay, bias_correction=bias_correction, grad_averaging=grad_averaging,
             max_grad_norm=max_grad_norm, clip_gradient=clip_gradient, rescale_grad=rescale_grad,
             lower_bound=lower_bound, upper_bound=upper_bound, max_trust_ratio=max_trust_ratio,
-            layer_adaptation=layer_adaptation, master_weights=master_weights, backend=backend,
+            layer_adaptation=layer_adaptation, master_weights=master_weights, moments=moments, backend=backend,
             capturable=capturable, foreach=foreach, fused=fused, maximize=maximize, differentiable=differentiable,
         )
         check_group(defaults)
@@ -406,9 +412,10 @@ class Lamb(Optimizer):
         works: Dict[tuple, _Work] = {}
         strided = torch.strided
         for gi, group in enumerate(self.param_groups):
-            no_master = group["master_weights"] is False
+            lean = group["moments"] != "fp32" or group["master_weights"] == "kahan"
             work = None  # the previous parameter's work, and what it was keyed on:
-            last_dtype = last_gdtype = last_type = last_index = None  # (dtype, grad dtype, class, CPU/CUDA index)
+            last_dtype = last_gdtype = last_type = last_index = last_storage = None  # (dtype, grad dtype, class,
+            # CPU/CUDA index, storage)
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
@@ -416,8 +423,9 @@ class Lamb(Optimizer):
                 if grad.layout is not strided or grad.shape != p.shape:
                     self._reject_grad(p, grad)
                 dtype, gdtype = p.dtype, grad.dtype
+                storage = param_storage(group, p) if lean else None  # (the blocked formats depend on the size)
                 if (work is not None and dtype is last_dtype and gdtype is last_gdtype and type(p) is last_type
-                        and _same_device_index(p, grad, last_index)):
+                        and storage == last_storage and _same_device_index(p, grad, last_index)):
                     work.params.append(p)
                     work.grads.append(grad)
                     continue
@@ -429,10 +437,11 @@ class Lamb(Optimizer):
                                        "materialise them first, e.g. model.to_empty(device=...)")
                 sharded = isinstance(p, DTensor)
                 pg = shard_group(p, self.process_group) if sharded else self.process_group
-                key = (gi, device, dtype, gdtype, pg, sharded)
+                key = (gi, device, dtype, gdtype, pg, sharded, storage)
                 work = works.get(key)
                 if work is None:
-                    work = works[key] = _Work(group=group, params=[], master=dtype in HALF_DTYPES and not no_master,
+                    fmt, master, kahan = storage or param_storage(group, p)
+                    work = works[key] = _Work(group=group, params=[], master=master, fmt=fmt, kahan=kahan,
                                               group_pg=pg, dtensor=sharded, memo=self._memo.setdefault(key, {}),
                                               grads=[])
                 work.params.append(p)
@@ -441,6 +450,7 @@ class Lamb(Optimizer):
                 fast = not sharded and device.type in ("cpu", "cuda")
                 last_dtype, last_gdtype, last_type = (dtype, gdtype, type(p)) if fast else (None, None, None)
                 last_index = -1 if device.type == "cpu" else device.index
+                last_storage = storage
         out = list(works.values())
         for w in out:
             self._choose_backend(w)
@@ -459,6 +469,12 @@ class Lamb(Optimizer):
         name, work.capturable = choose_backend(g["backend"], device, fused=g["fused"], foreach=g["foreach"],
                                                capturable=wanted)
         work.backend = get_backend(name, device)
+        if (work.fmt != "fp32" or work.kahan) and not getattr(work.backend, "LEAN", False):
+            if g["backend"] != "auto" or g["fused"] or g["foreach"]:
+                asked = g["backend"] if g["backend"] != "auto" else ("fused" if g["fused"] else "foreach")
+                raise ValueError(f"moments={g['moments']!r}, master_weights={g['master_weights']!r}: backend "
+                                 f"{asked!r} has no kernels for lean state; use backend='auto' or 'reference'")
+            work.backend = get_backend("reference", device)
 
     @staticmethod
     def _reject_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -471,14 +487,6 @@ class Lamb(Optimizer):
             raise ValueError(f"grad: expected the parameter's device {p.device}, got {grad.device}")
         raise TypeError(f"grad: expected a floating-point gradient, got {grad.dtype}")
 
-    @staticmethod
-    def _init_state(p: torch.Tensor, state: Dict[str, Any], master: bool, capturable: bool) -> None:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
-        moment_dtype = torch.float32 if p.dtype in HALF_DTYPES else p.dtype
-        state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
-        if master:
-            state["master_weight"] = p.detach().to(torch.float32, copy=True)
 
     def _amp(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The inverse loss scale and found-inf flag GradScaler handed over, if any."""
@@ -662,11 +670,12 @@ class Lamb(Optimizer):
         states = work.states = [self.state[p] for p in work.params]
         work.fresh = [p for p, st in zip(work.params, states) if not st]
         for p in work.fresh:  # lazy state, created on a parameter's first applied step
-            self._init_state(p, self.state[p], work.master, work.capturable)
+            init_state(p, self.state[p], work.fmt, work.master, work.kahan,
+                       p.device if work.capturable else torch.device("cpu"))
         work.counts = _step_counts_as(states, work.capturable, device, work.memo)
         # capturable: the counts stay on the device, and with them the bias corrections (bias_table)
         steps = [1] * len(states) if work.capturable else [int(t) + 1 for t in work.counts.tolist()]
-        cdtype = torch.float32 if work.master else compute_dtype(work.params[0].dtype)
+        cdtype = torch.float32 if work.master or work.kahan else compute_dtype(work.params[0].dtype)
         # maximize: the gradient negated, exactly (IEEE negation commutes with the scaling and the clip)
         rescale_grad = -float(group["rescale_grad"]) if group["maximize"] else float(group["rescale_grad"])
         table: Dict[int, Phase1Scalars] = {
@@ -679,10 +688,16 @@ class Lamb(Optimizer):
         means = [st["exp_avg"] for st in states]
         vars_ = [st["exp_avg_sq"] for st in states]
         masters = [st["master_weight"] for st in states] if work.master else [None] * len(states)
+        blocked = work.fmt not in ("fp32", "bf16")
+        mean_scales = [st["exp_avg_scale"] for st in states] if blocked else None
+        var_scales = [st["exp_avg_sq_scale"] for st in states] if blocked else None
+        comps = [st["kahan_comp"] for st in states] if work.kahan else None
         weights, grads = list(work.params), work.grads  # the very list the gradient pass saw
         if work.dtensor:  # the kernels see local shards
             means, vars_, weights = ([local(t) for t in ts] for ts in (means, vars_, weights))
             masters = [local(t) for t in masters] if work.master else masters
+            mean_scales, var_scales, comps = (None if ts is None else [local(t) for t in ts]
+                                              for ts in (mean_scales, var_scales, comps))
         rescale = None
         max_norm = group["max_grad_norm"]
         if inv_scale is not None or (max_norm is not None and grad_norm is not None):
@@ -710,7 +725,8 @@ class Lamb(Optimizer):
             adapt=None if group["layer_adaptation"] else [False] * len(work.params),
             lower_bound=group["lower_bound"], upper_bound=group["upper_bound"],
             max_trust_ratio=group["max_trust_ratio"], rescale=rescale, uniform=True, memo=work.memo,
-            on_device=on_device,
+            on_device=on_device, moment_format=work.fmt, mean_scales=mean_scales, var_scales=var_scales,
+            comps=comps, counts=steps,
         )
 
     @staticmethod
@@ -761,6 +777,11 @@ class Lamb(Optimizer):
             "update_norm": gather(lambda r: r.update_norms),
         }
 
+    def state_memory(self) -> Dict[str, float]:
+        """Bytes of the optimizer state (moments or codes and scales, masters, compensations; not step
+        counts) measured from the tensors: ``{"state_bytes", "params", "bytes_per_param"}``."""
+        return state_memory(self)
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> Dict[str, Any]:
@@ -804,14 +825,13 @@ class Lamb(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params):
             st = state_dict["state"].get(pid)
-            if st is None:
-                continue
-            for k in ("exp_avg", "exp_avg_sq", "master_weight"):
-                v = st.get(k)
-                if v is not None and (not isinstance(v, torch.Tensor) or v.shape != p.shape):
-                    raise ValueError(f"state_dict: state {k!r} of a parameter of shape {tuple(p.shape)} has "
-                                     f"shape {tuple(getattr(v, 'shape', ()))}")
+            if st is not None:
+                self._check_saved_state(st, p)
+        storage = [(g["moments"], g["master_weights"]) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for g, (moments, master_weights) in zip(self.param_groups, storage):  # this optimizer's storage choice
+            g["moments"], g["master_weights"] = moments, master_weights
+        owner = {p: g for g in self.param_groups for p in g["params"]}
         for pid, p in zip(ids, params):
             st = state_dict["state"].get(pid)
             if st is None:
@@ -821,4 +841,23 @@ class Lamb(Optimizer):
                     self.state[p][k] = v.detach().to(device=p.device, copy=True)
                 elif k == "step":  # (the form a step needs is made at that step: _step_counts_as)
                     self.state[p][k] = v.detach().clone() if isinstance(v, torch.Tensor) else int(v)
+            convert(self.state[p], p, *param_storage(owner[p], p))
         self.skipped_steps = int(skipped)
+
+    @staticmethod
+    def _check_saved_state(st: Dict[str, Any], p: torch.Tensor) -> None:
+        """A saved state's tensors have the shapes a parameter of ``p``'s shape needs (raises)."""
+        scaled = "exp_avg_scale" in st
+        fmt = ("8bit" if getattr(st.get("exp_avg"), "dtype", None) == torch.int8 else "4bit") if scaled else None
+        for k in ("exp_avg", "exp_avg_sq", "master_weight", "kahan_comp", "exp_avg_scale", "exp_avg_sq_scale"):
+            v = st.get(k)
+            if v is None:
+                continue
+            want = tuple(p.shape)
+            if fmt is not None and k in ("exp_avg", "exp_avg_sq"):
+                want = codec.code_shape(fmt, p.shape)
+            elif k.endswith("_scale"):
+                want = codec.scale_shape(fmt, p.shape) if fmt else None
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
+                raise ValueError(f"state_dict: state {k!r} of a parameter of shape {tuple(p.shape)} has "
+                                 f"shape {tuple(getattr(v, 'shape', ()))}")

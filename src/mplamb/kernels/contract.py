@@ -32,6 +32,11 @@ step writes nothing (moments, weights, masters, outputs and counts stay bitwise 
 Phase 2 of such a batch also advances the step counts.  Nothing in such a step waits for the
 device, so it can be captured in a CUDA graph.
 
+A *lean* batch (``batch.lean``) keeps its moments in a storage format of :mod:`.codec` (``means``
+and ``vars`` then hold codes, ``mean_scales``/``var_scales`` their block scales) and/or Kahan
+compensations (``comps``) instead of float32 masters.  Backends that step it with the reference's
+math (bit-identical) say ``LEAN = True``; the optimizer gives lean batches to no other backend.
+
 Inputs are validated by the caller (``mplamb.ops`` or ``mplamb.Lamb``) before a
 backend is called; backends never validate and never allocate state.
 """
@@ -129,6 +134,23 @@ class LambBatch:
     uniform: bool = False  # a promise that every tensor list has one dtype and masters are all set or all None
     memo: Optional[Dict[str, Any]] = None
     on_device: Optional[DeviceScalars] = None  # a capturable batch: step counts, lr and skip on the device
+    # lean state (:mod:`.codec`): the moments' storage format, their block scales, Kahan compensations
+    moment_format: str = "fp32"  # one format for every tensor of the batch
+    mean_scales: Optional[List[Optional[torch.Tensor]]] = None
+    var_scales: Optional[List[Optional[torch.Tensor]]] = None
+    comps: Optional[List[Optional[torch.Tensor]]] = None  # Kahan compensations (the weight's dtype), or None
+    counts: Optional[Sequence[int]] = None  # each tensor's step t (host; the dither seed of lean formats)
+
+    @property
+    def lean(self) -> bool:
+        """Moments in a lean format or Kahan-compensated weights (:mod:`.codec`): the lean step."""
+        return self.moment_format != "fp32" or self.comps is not None
+
+    def step_counts(self) -> List[Any]:
+        """Each tensor's step ``t`` of this step: host ints, or 0-d device tensors when capturable."""
+        if self.on_device is not None:
+            return [s + 1 for s in self.on_device.steps]
+        return list(self.counts) if self.counts is not None else [0] * len(self.weights)
 
     def decay_source(self, i: int) -> torch.Tensor:
         """The weight phase 1 decays and phase 2 updates: the master if any, else the weight."""
@@ -148,7 +170,8 @@ class LambBatch:
                          scalars=pick(self.scalars), lrs=pick(list(self.lrs)), adapt=pick(self.adapt),
                          lower_bound=self.lower_bound, upper_bound=self.upper_bound,
                          max_trust_ratio=self.max_trust_ratio, rescale=self.rescale, uniform=self.uniform,
-                         on_device=dev)
+                         on_device=dev, moment_format=self.moment_format, mean_scales=pick(self.mean_scales),
+                         var_scales=pick(self.var_scales), comps=pick(self.comps), counts=pick(self.counts))
 
     def compute_dtypes(self) -> List[torch.dtype]:
         """Per-tensor arithmetic dtype: float64 for float64 decay sources, float32 otherwise."""

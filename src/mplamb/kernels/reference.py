@@ -14,6 +14,15 @@ the scalar values and ``tests/golden/NOTES.md`` for the specification)::
 Every arithmetic operation is a separate tensor operation, so nothing is fused
 into a multiply-add and float32 results are bit-for-bit MXNet's.
 
+A lean batch (``batch.lean``: moments stored in a format of :mod:`.codec`, Kahan-compensated
+weights) runs the same stages around the codec (:func:`lean_update`)::
+
+    phase 1   w          = effective weight (float32(p) + float32(c) with a compensation, else as above)
+              mean, var  = moments from decode(codes), as above
+              codes      = encode(mean, var)                  (var dithered by the step count)
+              g          = direction(decode(codes), w)         (the update the stored state gives)
+    phase 2   new = w - step * g;  p = RN(new), c = RN(new - float32(p)) with a compensation
+
 A capturable batch (``batch.on_device``) takes its bias corrections from the device row of
 each tensor's step count (the same values ``_scalars`` gives the host), its lr from a device
 tensor, and writes every result through ``where(skip, old, new)``: a skipped step leaves every
@@ -27,12 +36,14 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .._scalars import Phase1Scalars, compute_dtype
+from . import codec
 from ._ieee import ieee_sqrt
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
 CAPTURABLE = True  # steps batches with device scalars (batch.on_device) without a host synchronisation
+LEAN = True  # steps lean batches (moments in a codec format, Kahan-compensated weights)
 
-__all__ = ["CAPTURABLE", "moments", "direction", "phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares",
+__all__ = ["CAPTURABLE", "LEAN", "lean_weight", "lean_update", "moments", "direction", "phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares",
            "grad_sum_of_squares", "lamb_step"]
 
 Scale = Union[float, torch.Tensor]
@@ -113,9 +124,101 @@ def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     return torch.sum(x * x)
 
 
+def lean_weight(batch: LambBatch, i: int) -> torch.Tensor:
+    """The weight tensor ``i`` of a lean batch stands for, in its compute dtype: the effective weight
+    ``float32(p) + float32(c)`` of a Kahan-compensated one, else the decay source."""
+    comp = None if batch.comps is None else batch.comps[i]
+    if comp is not None:
+        return codec.effective_weight(batch.weights[i], comp)
+    w = batch.decay_source(i)
+    return w.to(compute_dtype(w.dtype))
+
+
+def lean_update(batch: LambBatch, i: int, w: torch.Tensor, t: Union[int, torch.Tensor],
+                bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, tuple]:
+    """Phase 1 of tensor ``i`` of a lean batch, nothing written: the direction ``g`` and the new state
+    ``(mean codes, mean scales, var codes, var scales)`` (scales None for unblocked formats).
+
+    The stored moments are decoded, updated as :func:`moments` does, encoded (the second moment
+    dithered by the step ``t``), and ``g`` is computed from the *decoded new codes* and ``w``
+    (:func:`lean_weight`): exactly the update the stored state gives."""
+    fmt, shape = batch.moment_format, batch.weights[i].shape
+    ms = None if batch.mean_scales is None else batch.mean_scales[i]
+    vs = None if batch.var_scales is None else batch.var_scales[i]
+    old_m = codec.decode_mean(batch.means[i], ms, fmt, shape)
+    old_v = codec.decode_var(batch.vars[i], vs, fmt, shape)
+    m, v = moments(batch.grads[i], old_m, old_v, batch.scalars[i], w.dtype, batch.rescale)
+    mq, ms = codec.encode_mean(m, fmt)
+    vq, vs = codec.encode_var(v, fmt, t)
+    g = direction(codec.decode_mean(mq, ms, fmt, shape), codec.decode_var(vq, vs, fmt, shape), w,
+                  batch.scalars[i], bias)
+    return g, (mq, ms, vq, vs)
+
+
+def _lean_phase1_batch(batch: LambBatch, dry: bool) -> Phase1Result:
+    n = len(batch.weights)
+    device = batch.weights[0].device if n else torch.device("cpu")
+    sumsq = torch.empty(3 if dry else 2, n, dtype=torch.float64, device=device)
+    dev = batch.on_device
+    rows = dev.bias_rows() if dev is not None else None
+    counts = batch.step_counts()
+    directions, pending, weights = [], [], []
+    for i in range(n):
+        w = lean_weight(batch, i)
+        g, state = lean_update(batch, i, w, counts[i], None if rows is None else rows[i])
+        if dry or dev is not None:
+            pending.append(state)
+        else:
+            _write_lean_state(batch, i, state, lambda dst, new: dst.copy_(new))
+        if dry:
+            sumsq[2, i] = sum_of_squares(batch.grads[i])
+        directions.append(g)
+        weights.append(w)
+        sumsq[0, i] = sum_of_squares(w)
+        sumsq[1, i] = sum_of_squares(g)
+    return Phase1Result(sumsq=sumsq, carry=(directions, pending, weights), dry=dry)
+
+
+def _write_lean_state(batch: LambBatch, i: int, state: tuple, put) -> None:
+    mq, ms, vq, vs = state
+    put(batch.means[i], mq)
+    put(batch.vars[i], vq)
+    if ms is not None:
+        put(batch.mean_scales[i], ms)
+        put(batch.var_scales[i], vs)
+
+
+def _lean_phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
+    directions, pending, weights = p1.carry
+    dev = batch.on_device
+    if dev is None:
+        def put(dst: torch.Tensor, new: torch.Tensor) -> None:
+            dst.copy_(new)
+    else:
+        def put(dst: torch.Tensor, new: torch.Tensor) -> None:
+            dst.copy_(torch.where(dev.skip, dst, new.to(dst.dtype)))
+    for i, state in enumerate(pending):
+        _write_lean_state(batch, i, state, put)
+    for i, (g, w) in enumerate(zip(directions, weights)):
+        new = w - steps[i].to(g.dtype) * g
+        comp = None if batch.comps is None else batch.comps[i]
+        if comp is not None:
+            p, c = codec.kahan_split(new, batch.weights[i].dtype)
+            put(comp, c)
+            put(batch.outs[i], p)
+            continue
+        if batch.masters[i] is not None:
+            put(batch.masters[i], new)
+        put(batch.outs[i], new)
+    if dev is not None:
+        dev.advance()
+
+
 def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
     """Phase 1 for every tensor of ``batch`` and the local squared norms (carry: the directions,
     and with ``dry`` the new moments, written only in phase 2)."""
+    if batch.lean:
+        return _lean_phase1_batch(batch, dry)
     n = len(batch.weights)
     device = batch.weights[0].device if n else torch.device("cpu")
     directions, pending = [], []
@@ -142,6 +245,9 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
 def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
     """Phase 2 for every tensor of ``batch`` with per-tensor step sizes ``steps`` (after a dry
     phase 1, the moments it computed are written first)."""
+    if batch.lean:
+        _lean_phase2_batch(batch, p1, steps)
+        return
     directions, pending = p1.carry
     dev = batch.on_device
     if dev is not None:
