@@ -1,6 +1,7 @@
 """The main job (python -m mplamb train) and the bench command, on tiny configurations."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -87,12 +88,48 @@ def test_cli_writes_the_report(tmp_path, text_file, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"lamb", "adamw"}
     assert metrics["adamw"]["precision"] == {"policy": "bf16-weights", "compute": "fp32", "weights": "fp32",
-                                             "masters": None}
+                                             "masters": None, "moments": "fp32"}
     assert metrics["adamw"]["compute_dtype"] == metrics["lamb"]["compute_dtype"] == "fp32"
     text = capsys.readouterr().out
-    assert "| lamb | bf16-weights (fp32 compute; bf16 weights, fp32 masters) |" in text
-    assert "| adamw | bf16-weights (fp32 compute; fp32 weights) |" in text and "unigram baseline" in text
+    assert "| lamb | bf16-weights (fp32 compute; bf16 weights, fp32 masters; fp32 moments) |" in text
+    assert "| adamw | bf16-weights (fp32 compute; fp32 weights; fp32 moments) |" in text and "unigram baseline" in text
     assert "| tokens/s | warm-up s |" in text and "| tokens/s | warm-up s |" in (out / "summary.md").read_text()
+
+
+LEAN_ARGS = [a if a != "16" else "64" for a in TINY_ARGS]  # dim 64: matrices of 4096+ elements get 8-bit codes
+
+
+def test_cli_lean_state_against_full_state(tmp_path, text_file, capsys):
+    out = tmp_path / "lean"
+    rc = cli.main(["train", *LEAN_ARGS, "--data", str(text_file), "--out", str(out), "--precision", "bf16-weights",
+                   "--moments", "8bit", "--master-weights", "kahan", "--compare", "full-state"])
+    assert rc == 0
+    assert (out / "checkpoint-lamb-8bit-kahan.pt").is_file() and (out / "checkpoint-lamb.pt").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    lean, full = metrics["lamb-8bit-kahan"], metrics["lamb"]
+    assert full["memory"]["state_bytes_per_param"] == 12.0
+    assert lean["memory"]["state_bytes_per_param"] < 6.0  # small tensors (biases, norms) keep fp32 moments
+    assert lean["precision"]["moments"] == "8bit" and lean["precision"]["masters"] == "Kahan-compensated"
+    text = capsys.readouterr().out
+    assert "Kahan-compensated bf16 weights; 8bit moments" in text and "lamb-8bit-kahan minus lamb" in text
+    rc = cli.main(["train", *LEAN_ARGS, "--data", str(text_file), "--out", str(tmp_path / "x"), "--compare",
+                   "full-state"])
+    assert rc == 2 and "already keeps full state" in capsys.readouterr().err
+
+
+def test_lean_resume_equals_uninterrupted_bitwise(tmp_path, corpus):
+    cfg = TrainConfig(**{**TINY, "dim": 64}, precision="bf16-weights", moments="8bit", master_weights="kahan")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = train(cfg, corpus, tmp_path / "a", progress=False)
+    train(cfg, corpus, tmp_path / "b", progress=False, stop_after=3, ckpt_every=100)
+    resumed = train(cfg, corpus, tmp_path / "b", progress=False, resume=True)
+    assert full["train_loss"] == resumed["train_loss"] and full["val_loss"] == resumed["val_loss"]
+    for name, value in full["final_state"].items():
+        assert torch.equal(value, resumed["final_state"][name]), name
+    other = dataclasses.replace(cfg, moments="4bit")
+    with pytest.raises(CheckpointError, match="no checkpoint to resume at .*checkpoint-lamb-4bit-kahan.pt"):
+        train(other, corpus, tmp_path / "b", progress=False, resume=True)
 
 
 @pytest.mark.parametrize("precision,compute", [("bf16", "bf16"), ("bf16-weights", "fp32"), ("fp32", "fp32")])

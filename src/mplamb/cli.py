@@ -83,6 +83,14 @@ def _study(args: argparse.Namespace) -> int:
         overrides["multipliers"] = tuple(int(k) for k in args.multipliers.split(","))
     if args.lr_factors:
         overrides["lr_factors"] = tuple(float(f) for f in args.lr_factors.split(","))
+    if args.optimizers:
+        overrides["optimizers"] = tuple(o.strip() for o in args.optimizers.split(","))
+        try:
+            for o in overrides["optimizers"]:
+                study.optimizer_setting(o)
+        except ValueError as e:
+            print(f"error: --optimizers: {e}", file=sys.stderr)
+            return 2
     cfg = study.StudyConfig(**overrides)
     if cfg.seeds < 1 or cfg.budget < 1 or not cfg.multipliers or not cfg.lr_factors:
         print("error: --seeds, --budget, --multipliers and --lr-factors need positive values", file=sys.stderr)
@@ -181,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--lr-factors", default="",
                     help="comma-separated factors around each optimizer's sqrt-scaled lr (default 0.25,0.5,1,2,4)")
     st.add_argument("--seeds", type=int, default=None, help="seeds of each best learning rate (default 3)")
+    st.add_argument("--optimizers", default="",
+                    help="comma-separated optimizers, the first two compared (default lamb,adamw); lamb-<moments>-"
+                         "<master weights> is LAMB with lean state, e.g. lamb,lamb-8bit-kahan (LAMB's lr grid)")
     st.add_argument("--layers", type=int, default=None, help="transformer blocks (default 4)")
     st.add_argument("--dim", type=int, default=None, help="model width (default 128)")
     st.add_argument("--heads", type=int, default=None, help="attention heads (default 4)")

@@ -59,8 +59,27 @@ QUICK = dict(budget=8192, base_batch=2, multipliers=(1, 4), lr_factors=(0.5, 2.0
              heads=2, eval_batches=2)
 
 
+LEAN_MOMENTS = ("fp32", "bf16", "8bit", "4bit")
+LEAN_MASTERS = ("fp32", "kahan", "none")
+
+
+def optimizer_setting(name: str) -> Tuple[str, str, str]:
+    """``(optimizer, moments, master_weights)`` of a study optimizer name: ``lamb``, ``adamw``, or
+    ``lamb-<moments>-<master weights>`` (LAMB with lean state, e.g. ``lamb-8bit-kahan``; see
+    ``python -m mplamb train --moments/--master-weights``)."""
+    if name in ("lamb", "adamw"):
+        return name, "fp32", "fp32"
+    parts = name.split("-")
+    if len(parts) == 3 and parts[0] == "lamb" and parts[1] in LEAN_MOMENTS and parts[2] in LEAN_MASTERS:
+        return parts[0], parts[1], parts[2]
+    raise ValueError(f"optimizer {name!r}: expected 'lamb', 'adamw' or 'lamb-<{'|'.join(LEAN_MOMENTS)}>-"
+                     f"<{'|'.join(LEAN_MASTERS)}>'")
+
+
 def _lr(cfg: StudyConfig, optimizer: str, k: int, factor: float) -> float:
-    return float(f"{dict(cfg.base_lr)[optimizer] * math.sqrt(k) * factor:.6g}")
+    base = dict(cfg.base_lr)
+    centre = base.get(optimizer, base.get(optimizer_setting(optimizer)[0]))  # a lean LAMB: LAMB's centre
+    return float(f"{centre * math.sqrt(k) * factor:.6g}")
 
 
 def plan_sweep(cfg: StudyConfig) -> List[Dict[str, Any]]:
@@ -99,7 +118,8 @@ def _train_one(cfg: StudyConfig, run: Dict[str, Any], corpus: Any, precision: st
 
     batch = cfg.base_batch * run["multiplier"]
     steps = max(1, cfg.budget // (batch * cfg.context))
-    tc = TrainConfig(optimizer=run["optimizer"], steps=steps, batch_size=batch, lr=run["lr"],
+    optimizer, moments, master_weights = optimizer_setting(run["optimizer"])
+    tc = TrainConfig(optimizer=optimizer, moments=moments, master_weights=master_weights, steps=steps, batch_size=batch, lr=run["lr"],
                      warmup=max(1, steps // 10), context=cfg.context, seed=run["seed"], layers=cfg.layers,
                      dim=cfg.dim, heads=cfg.heads, precision=precision, eval_every=max(1, steps // 4),
                      eval_batches=cfg.eval_batches, device=cfg.device)
@@ -186,12 +206,15 @@ def summarise(cfg: StudyConfig, done: Dict[Tuple, Dict[str, Any]], unigram: floa
             row[opt] = {"lr": lr, "losses": losses, "edge": lr is not None and len(grid) > 2 and lr in (min(grid), max(grid)),
                         "mean": statistics.mean(losses) if losses else None,
                         "std": statistics.stdev(losses) if len(losses) > 1 else 0.0}
-        if "lamb" in row and "adamw" in row and row["lamb"]["mean"] is not None and row["adamw"]["mean"] is not None:
-            diff = row["lamb"]["mean"] - row["adamw"]["mean"]
-            spread = max(row["lamb"]["std"], row["adamw"]["std"])
-            row["lamb_minus_adamw"] = diff
+        a, b = (list(cfg.optimizers) + [None, None])[:2]  # the first two optimizers are compared
+        if b is not None and row[a]["mean"] is not None and row[b]["mean"] is not None:
+            diff = row[a]["mean"] - row[b]["mean"]
+            spread = max(row[a]["std"], row[b]["std"])
+            row["difference"] = diff
+            if (a, b) == ("lamb", "adamw"):
+                row["lamb_minus_adamw"] = diff
             row["verdict"] = "tie" if abs(diff) <= 2 * spread or spread == 0 and diff == 0 else (
-                "LAMB wins" if diff < 0 else "AdamW wins")
+                f"{_title(a)} wins" if diff < 0 else f"{_title(b)} wins")
             if spread == 0:
                 row["verdict"] += " (one seed)"
         rows.append(row)
@@ -202,14 +225,21 @@ def summarise(cfg: StudyConfig, done: Dict[Tuple, Dict[str, Any]], unigram: floa
             "unigram": unigram, "rows": rows, "sensitivity": sensitivity}
 
 
+def _title(name: str) -> str:
+    """An optimizer's name in the study's tables: LAMB, AdamW, or LAMB-8bit-kahan."""
+    return {"lamb": "LAMB", "adamw": "AdamW"}.get(name, name.replace("lamb", "LAMB", 1))
+
+
 def _table(summary: Dict[str, Any]) -> str:
     cfg = summary["config"]
+    a, b = (list(cfg["optimizers"]) + [None, None])[:2]
+    ta, tb = _title(a), _title(b) if b else "-"
     lines = [f"Fixed budget {cfg['budget']:,} tokens per run, context {cfg['context']}, base batch "
              f"{cfg['base_batch']}, model {cfg['layers']} layers x {cfg['dim']}, precision {summary['precision']}; "
              f"best of {len(cfg['lr_factors'])} learning rates per optimizer and batch, then {cfg['seeds']} seeds; "
              f"unigram baseline {summary['unigram']:.3f} nats/byte.", "",
-             "| batch (multiplier) | steps | LAMB best lr | LAMB val loss | AdamW best lr | AdamW val loss "
-             "| LAMB - AdamW | verdict |", "|---|---|---|---|---|---|---|---|"]
+             f"| batch (multiplier) | steps | {ta} best lr | {ta} val loss | {tb} best lr | {tb} val loss "
+             f"| {ta} - {tb} | verdict |", "|---|---|---|---|---|---|---|---|"]
 
     def cell(r: Dict[str, Any]) -> str:
         return "-" if r["mean"] is None else f"{r['mean']:.4f} ± {r['std']:.4f} (n={len(r['losses'])})"
@@ -218,11 +248,11 @@ def _table(summary: Dict[str, Any]) -> str:
         return "-" if not r or r["lr"] is None else f"{r['lr']:g}" + (" (grid edge)" if r.get("edge") else "")
 
     for row in summary["rows"]:
-        lamb, adamw = row.get("lamb"), row.get("adamw")
+        lamb, adamw = row.get(a), row.get(b) if b else None
         lines.append(f"| {row['batch']} ({row['multiplier']}x) | {row['steps']} | "
                      f"{lr(lamb)} | {cell(lamb) if lamb else '-'} | "
                      f"{lr(adamw)} | {cell(adamw) if adamw else '-'} | "
-                     f"{row.get('lamb_minus_adamw', float('nan')):+.4f} | {row.get('verdict', '-')} |")
+                     f"{row.get('difference', float('nan')):+.4f} | {row.get('verdict', '-')} |")
     return "\n".join(lines)
 
 

@@ -63,13 +63,26 @@ class TrainConfig:
     eval_batches: int = 8
     data: Optional[str] = None
     device: str = "cpu"
+    moments: str = "fp32"  # LAMB's moment storage: fp32, bf16, 8bit, 4bit (Lamb(moments=...))
+    master_weights: str = "fp32"  # LAMB's bf16 weights: fp32 masters, kahan compensation, or none
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(context=self.context, layers=self.layers, dim=self.dim, heads=self.heads)
 
+    @property
+    def name(self) -> str:
+        """The run's name in reports and checkpoint files: the optimizer, and LAMB's lean storage if any."""
+        if self.optimizer != "lamb" or (self.moments, self.master_weights) == ("fp32", "fp32"):
+            return self.optimizer
+        return f"lamb-{self.moments}-{self.master_weights}"
+
     # keys a checkpoint must agree on to be resumed
     RESUME_KEYS = ("optimizer", "steps", "batch_size", "lr", "warmup", "weight_decay", "max_grad_norm", "seed",
-                   "context", "layers", "dim", "heads", "precision", "eval_every", "eval_batches", "data")
+                   "context", "layers", "dim", "heads", "precision", "eval_every", "eval_batches", "data", "moments",
+                   "master_weights")
+
+
+MASTER_WEIGHTS = {"fp32": None, "kahan": "kahan", "none": False}  # --master-weights -> Lamb(master_weights=...)
 
 
 # x86 flags (Linux /proc/cpuinfo names) of the bf16 matrix units with which bf16 autocast trains faster than fp32.
@@ -163,7 +176,8 @@ class _Run:
         self.model = model.to(self.device, self.param_dtype)
         if lamb:
             self.opt = Lamb(param_groups(self.model, weight_decay=cfg.weight_decay), lr=cfg.lr,
-                            max_grad_norm=cfg.max_grad_norm)
+                            max_grad_norm=cfg.max_grad_norm, moments=cfg.moments,
+                            master_weights=MASTER_WEIGHTS[cfg.master_weights])
         else:
             self.opt = torch.optim.AdamW(param_groups(self.model, weight_decay=cfg.weight_decay), lr=cfg.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
@@ -182,9 +196,26 @@ class _Run:
         """The run's precision policy: ``--precision``, the compute (autocast or not), the weights' dtype
         and the optimizer's master weights."""
         compute = "bf16 autocast" if self.cfg.precision == "bf16" else "fp32"
-        masters = "fp32" if (isinstance(self.opt, Lamb) and self.param_dtype != torch.float32) else None
+        lamb = isinstance(self.opt, Lamb)
+        masters = None
+        if lamb and self.param_dtype != torch.float32:
+            masters = {"fp32": "fp32", "kahan": "Kahan-compensated", "none": None}[self.cfg.master_weights]
         return {"policy": self.cfg.precision, "compute": compute, "weights": _short(self.param_dtype),
-                "masters": masters}
+                "masters": masters, "moments": self.cfg.moments if lamb else "fp32"}
+
+    def memory(self) -> Dict[str, float]:
+        """Bytes of the training state, counted from the tensors: weights, gradients (as allocated at the
+        end of a step) and the optimizer's state, and the optimizer state per parameter."""
+        params = sum(p.numel() for p in self.model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in self.model.parameters() if p.grad is not None)
+        state = 0
+        for st in self.opt.state.values():
+            state += sum(v.numel() * v.element_size() for k, v in st.items()
+                         if isinstance(v, torch.Tensor) and k != "step")
+        return {"params": float(params), "weight_bytes": float(weights), "grad_bytes": float(grads),
+                "state_bytes": float(state), "state_bytes_per_param": state / params if params else 0.0,
+                "training_state_bytes": float(weights + grads + state)}
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.to(self.device), y.to(self.device)
@@ -253,7 +284,7 @@ class _Run:
             raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
             raise CheckpointError(f"{path} is not an mplamb training checkpoint (format {CKPT_FORMAT!r})")
-        saved = ckpt.get("config", {})
+        saved = {"moments": "fp32", "master_weights": "fp32", **ckpt.get("config", {})}  # (their defaults)
         mine = dataclasses.asdict(self.cfg)
         diff = [f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in TrainConfig.RESUME_KEYS
                 if saved.get(k) != mine[k]]
@@ -306,12 +337,12 @@ def train(cfg: TrainConfig, corpus: Corpus, out: Optional[pathlib.Path] = None, 
     training speed.  ``wall_s`` is everything.
     """
     run = _Run(cfg, corpus)
-    ckpt = out / f"checkpoint-{cfg.optimizer}.pt" if out is not None else None
+    ckpt = out / f"checkpoint-{cfg.name}.pt" if out is not None else None
     if resume:
         if ckpt is None:
             raise CheckpointError("--resume needs an --out folder holding a checkpoint")
         run.load(ckpt)
-        log(f"resumed {cfg.optimizer} from {ckpt} at step {run.step}")
+        log(f"resumed {cfg.name} from {ckpt} at step {run.step}")
     interrupted = {"flag": False}
 
     def on_sigint(signum, frame):  # finish the current step, then save and stop
@@ -322,7 +353,7 @@ def train(cfg: TrainConfig, corpus: Corpus, out: Optional[pathlib.Path] = None, 
     wall0 = h["wall_s"]
     if run.step < cfg.steps:
         if run.uses_fused_cpu():
-            log(f"{cfg.optimizer}: compiling the fused CPU kernels ahead of training (numba; loaded from its "
+            log(f"{cfg.name}: compiling the fused CPU kernels ahead of training (numba; loaded from its "
                 "disk cache after the first time) ...")
             run.warm_up()
         h["warmup_s"] += time.perf_counter() - start
@@ -370,6 +401,7 @@ def train(cfg: TrainConfig, corpus: Corpus, out: Optional[pathlib.Path] = None, 
     h["tokens_per_s"] = h["timed_steps"] * tokens_per_step / h["timed_s"] if h["timed_s"] > 0 else None
     h["compute_dtype"] = _short(run.compute_dtype) if run.compute_dtype is not None else None
     h["config"] = dataclasses.asdict(cfg)
+    h["memory"] = run.memory()
     h["final_state"] = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     return h
 
@@ -391,7 +423,7 @@ def _bar(progress: bool, cfg: TrainConfig, initial: int):
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         return None
-    return tqdm(total=cfg.steps, initial=initial, desc=cfg.optimizer, unit="step", dynamic_ncols=True)
+    return tqdm(total=cfg.steps, initial=initial, desc=cfg.name, unit="step", dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------ command line
@@ -416,15 +448,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "master weights for bf16 weights. auto: bf16 where the processor has bf16 matrix "
                         "units (CPU flag amx_bf16; CUDA compute capability 8.0+), else "
                         "bf16-weights; with --resume, the precision of the checkpoint")
+    p.add_argument("--moments", choices=["fp32", "bf16", "8bit", "4bit"], default="fp32",
+                   help="LAMB's moment storage (Lamb(moments=...)): fp32 (8 B/param), bf16 (4), 8bit (2.03: block-wise "
+                        "codes, tensors of 4096+ elements), 4bit (1.06; lossy, see docs/lean_state.md)")
+    p.add_argument("--master-weights", choices=["fp32", "kahan", "none"], default="fp32",
+                   help="LAMB's bf16 weights: fp32 master copies (4 B/param), kahan (a bf16 compensation, 2 B/param) "
+                        "or none (the bf16 weight alone)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validation evaluations")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches per evaluation")
     p.add_argument("--data", default=None, metavar="FILE",
                    help="train on this text file instead of Python's standard-library source")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--compare", choices=["adamw"], default=None,
-                   help="also train the same budget with torch.optim.AdamW and overlay the curves: fp32 weights, "
-                        "computing as LAMB's run does (bf16 autocast for --precision bf16, fp32 otherwise)")
-    p.add_argument("--compare-lr", type=float, default=3e-3, help="peak learning rate of the --compare optimizer")
+    p.add_argument("--compare", choices=["adamw", "full-state"], default=None,
+                   help="also train the same budget with another optimizer and overlay the curves: adamw "
+                        "(torch.optim.AdamW, fp32 weights, computing as LAMB's run does: bf16 autocast for --precision "
+                        "bf16, fp32 otherwise, at --compare-lr), or full-state (LAMB with fp32 moments and fp32 "
+                        "masters at --lr: the lean run's reference)")
+    p.add_argument("--compare-lr", type=float, default=3e-3, help="peak learning rate of --compare adamw")
     p.add_argument("--out", default="mplamb-report", help="report and checkpoint folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
@@ -479,8 +519,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         corpus = load_corpus(args.data, context=args.context)
     except (OSError, ValueError, RuntimeError) as e:
         return fail(str(e))
+    lean = (args.moments, args.master_weights) != ("fp32", "fp32")
+    if args.compare == "full-state" and not lean:
+        return fail("--compare full-state: the LAMB run already keeps full state; pick --moments or --master-weights")
     out = pathlib.Path(args.out)
-    saved = checkpoint_precision(out / "checkpoint-lamb.pt") if args.resume and args.precision == "auto" else None
+    first = TrainConfig(moments=args.moments, master_weights=args.master_weights).name
+    saved = checkpoint_precision(out / f"checkpoint-{first}.pt") if args.resume and args.precision == "auto" else None
     if saved is not None:
         precision, why = saved, "auto: the precision of the checkpoint being resumed"
     else:
@@ -488,7 +532,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                       weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
                       context=args.context, layers=args.layers, dim=args.dim, heads=args.heads, precision=precision,
-                      eval_every=args.eval_every, eval_batches=args.eval_batches, data=args.data, device=args.device)
+                      eval_every=args.eval_every, eval_batches=args.eval_batches, data=args.data, device=args.device,
+                      moments=args.moments, master_weights=args.master_weights)
     out.mkdir(parents=True, exist_ok=True)
     nparams = sum(p.numel() for p in TinyGPT(cfg.model_config()).parameters())
     print(f"data: {corpus.name} ({corpus.train.numel():,} train / {corpus.val.numel():,} validation bytes); "
@@ -496,10 +541,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(f"model: {nparams / 1e6:.2f}M params, {cfg.layers} layers x {cfg.dim} wide, context {cfg.context}; "
           f"precision {precision} ({why}); {cfg.steps} steps of {cfg.batch_size}x{cfg.context} bytes")
     runs: Dict[str, dict] = {}
-    plan = [cfg] + ([dataclasses.replace(cfg, optimizer="adamw", lr=args.compare_lr)] if args.compare else [])
+    plan = [cfg]
+    if args.compare == "adamw":
+        plan.append(dataclasses.replace(cfg, optimizer="adamw", lr=args.compare_lr, moments="fp32",
+                                        master_weights="fp32"))
+    elif args.compare == "full-state":
+        plan.append(dataclasses.replace(cfg, moments="fp32", master_weights="fp32"))
     try:
         for c in plan:
-            runs[c.optimizer] = train(c, corpus, out, resume=args.resume, ckpt_every=args.ckpt_every,
+            runs[c.name] = train(c, corpus, out, resume=args.resume, ckpt_every=args.ckpt_every,
                                       progress=not args.no_progress)
     except CheckpointError as e:
         return fail(str(e))
@@ -511,7 +561,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         r.pop("final_state", None)
     report.write_metrics(out, runs)
     paths = [report.plot_losses(out, runs, corpus.unigram_loss)]
-    tr = report.plot_trust_ratios(out, runs["lamb"])
+    tr = report.plot_trust_ratios(out, runs[cfg.name])
     if tr is not None:
         paths.append(tr)
     table = report.summary_table(runs, corpus.unigram_loss)

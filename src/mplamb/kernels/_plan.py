@@ -5,7 +5,8 @@ Both hand the kernels every tensor of a batch at once, as raw addresses plus sma
 * :func:`partition`: the tensors that share dtypes (one launch each);
 * :func:`chunk_table`: fixed-size chunks covering every tensor (one parallel work item or
   GPU program each), with each tensor's first chunk so per-chunk partial sums can be
-  reduced per tensor in a fixed order;
+  reduced per tensor in a fixed order; :func:`block_table`: the same in runs of whole codec
+  blocks (the lean step's blocked formats);
 * :func:`addresses` / :func:`owned_addresses`: data addresses, non-contiguous tensors
   staged through :class:`~._staging.Staging`; the optimizer-owned ones remembered between
   steps in the batch memo; :func:`gradient_addresses` / :func:`noted_gradient_addresses`: the
@@ -24,7 +25,8 @@ import torch
 from ._staging import Staging
 from .contract import LambBatch
 
-__all__ = ["Chunks", "partition", "chunk_table", "addresses", "owned_addresses", "batch_addresses", "scalar_tables",
+__all__ = ["Chunks", "partition", "chunk_table", "block_table",
+           "addresses", "owned_addresses", "batch_addresses", "scalar_tables",
            "sizes_of", "by_dtype", "gradient_addresses", "noted_gradient_addresses"]
 
 _NOTED = "grad_addresses"  # the memo key under which the gradient pass leaves addresses for phase 1
@@ -70,6 +72,34 @@ def _chunks(key: bytes, chunk: int) -> Chunks:
     start = (np.arange(tensor.shape[0], dtype=np.int64) - first[tensor]) * chunk
     length = np.minimum(chunk, sz[tensor] - start) if tensor.shape[0] else np.zeros(0, np.int64)
     return Chunks(tensor, start, length, first)
+
+
+def block_table(shapes: Sequence[Tuple[int, int]], block: int, chunk: int) -> Chunks:
+    """:class:`Chunks` of whole blocks (:mod:`.codec`: rows of ``L`` elements cut into blocks of ``block``,
+    the last of a row possibly shorter) over tensors of ``(rows, L)`` ``shapes``: each work item is a
+    run of at most ``chunk // min(block, L)`` consecutive blocks (at most ``chunk`` elements), which may
+    span rows; since rows are consecutive in memory, it is one element range (cached)."""
+    return _blocks(np.asarray(shapes, dtype=np.int64).reshape(-1, 2).tobytes(), block, chunk)
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks(key: bytes, block: int, chunk: int) -> Chunks:
+    shapes = np.frombuffer(key, dtype=np.int64).reshape(-1, 2)
+    tensor, start, length, first = [], [], [], [0]
+    for i, (rows, width) in enumerate(shapes.tolist()):
+        nb = -(-width // block)
+        total = rows * nb
+        per = max(1, chunk // max(1, min(block, width)))
+        kb = np.arange(0, total, per, dtype=np.int64)  # each item's first block
+        kl = np.minimum(kb + per, total) - 1  # and last
+        s = (kb // nb) * width + (kb % nb) * block
+        e = (kl // nb) * width + np.minimum((kl % nb + 1) * block, width)
+        tensor.append(np.full(kb.shape[0], i, dtype=np.int64))
+        start.append(s)
+        length.append(e - s)
+        first.append(first[-1] + kb.shape[0])
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+    return Chunks(cat(tensor), cat(start), cat(length), np.asarray(first, dtype=np.int64))
 
 
 def partition(batch: LambBatch) -> Dict[tuple, List[int]]:

@@ -10,6 +10,11 @@ one scalar table.  Tensors the kernels cannot take directly are handled explicit
 * float16/bfloat16 *moments* (only the operators' float16-without-master form, D6) are
   delegated to the reference backend.
 
+Lean batches (``batch.lean``: moments in a :mod:`.codec` format, Kahan-compensated weights) run the
+kernels of :mod:`.fused_cpu_lean_kernels`, bit-identical to the reference's lean step; the rare
+combinations they do not take (float64 tensors or gradients, an output or compensation of another
+dtype than its weight, device step counts) are delegated to the reference.
+
 Arithmetic is bit-identical to :mod:`.reference` (same operations, same order, no FMA).
 """
 from __future__ import annotations
@@ -20,9 +25,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .._validate import HALF_DTYPES
-from . import reference
-from ._plan import (batch_addresses, by_dtype, chunk_table, gradient_addresses, noted_gradient_addresses, partition,
-                    scalar_tables, sizes_of)
+from . import codec, reference
+from ._plan import (addresses, batch_addresses, block_table, by_dtype, chunk_table, gradient_addresses,
+                    noted_gradient_addresses, owned_addresses, partition, scalar_tables, sizes_of)
 from ._staging import Staging as _Staging
 from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_reducer, run_step
 
@@ -31,12 +36,15 @@ try:
     import numba
 
     from . import fused_cpu_kernels as K
+    from . import fused_cpu_lean_kernels as KL
 
     AVAILABLE = True
 except ImportError:  # numba is an optional dependency (extra "fast")
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "supports_device", "phase1_batch", "phase2_batch", "lamb_step", "grad_sum_of_squares",
+LEAN = True  # steps lean batches (moments in a codec format, Kahan-compensated weights), bit-identical
+
+__all__ = ["AVAILABLE", "LEAN", "supports_device", "phase1_batch", "phase2_batch", "lamb_step", "grad_sum_of_squares",
            "warm_up"]
 
 
@@ -84,6 +92,11 @@ def bias_regime(bias: "np.ndarray") -> Tuple["np.ndarray", object]:
 def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
     """Phase 1 of every tensor of ``batch`` and its local squared norms (one parallel pass per dtype;
     ``dry``: nothing written, the gradients' squared norms added as a third row)."""
+    if batch.lean:
+        if not _lean_supported(batch):
+            p1 = reference.phase1_batch(batch, dry=dry)
+            return Phase1Result(p1.sumsq, ("reference", p1), dry=dry)
+        return _lean_phase1_batch(batch, dry)
     if (batch.means[0].dtype in HALF_DTYPES if batch.uniform else any(m.dtype in HALF_DTYPES for m in batch.means)):
         p1 = reference.phase1_batch(batch, dry=dry)
         return Phase1Result(p1.sumsq, ("reference", p1), dry=dry)
@@ -117,6 +130,8 @@ def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> Non
     """Phase 2 of every tensor of ``batch`` (one parallel pass per dtype), then staged tensors copied back."""
     if isinstance(p1.carry, tuple) and p1.carry[0] == "reference":
         return reference.phase2_batch(batch, p1.carry[1], steps)
+    if batch.lean:
+        return _lean_phase2_batch(batch, p1, steps)
     plans, stage = p1.carry
     steps_np = steps.cpu().numpy()
     for (idx, w_addr, g_addr, m_addr, v_addr, o_addr, sz, src_dtype, g_dtype, m_dtype, o_dtype, has_master,
@@ -134,6 +149,134 @@ def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> Non
                               steps_i, ct, cs, cl, p1.dry, regime)
     stage.finish()
     return None
+
+
+# ------------------------------------------------------------------ lean batches
+
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _lean_supported(batch: LambBatch) -> bool:
+    """Whether the lean kernels take ``batch``: float32/bfloat16/float16 weights and gradients, outputs and
+    compensations of their weight's dtype, float32 masters, host step counts."""
+    if batch.on_device is not None:
+        return False
+    comps = batch.comps or [None] * len(batch.weights)
+    for w, g, o, m, c in zip(batch.weights, batch.grads, batch.outs, batch.masters, comps):
+        if w.dtype not in _FLOAT or g.dtype not in _FLOAT or o.dtype != w.dtype:
+            return False
+        if (m is not None and (m.dtype != torch.float32 or c is not None)) or (c is not None and c.dtype != w.dtype):
+            return False
+    return True
+
+
+def _lean_partition(batch: LambBatch) -> dict:
+    """Tensors that share (weight dtype, grad dtype, weight mode): one launch each."""
+    parts: dict = {}
+    comps = batch.comps or [None] * len(batch.weights)
+    for i, (w, g, o, m, c) in enumerate(zip(batch.weights, batch.grads, batch.outs, batch.masters, comps)):
+        mode = KL.KAHAN if c is not None else (KL.MASTER if m is not None else KL.PLAIN)
+        parts.setdefault((w.dtype, g.dtype, mode), []).append(i)
+    return parts
+
+
+def _lean_plan(batch: LambBatch, key: tuple, idx: list, stage: "_Staging", noted) -> dict:
+    """Addresses, tables and launch arguments of one lean partition (``key`` of :func:`_lean_partition`)."""
+    w_dtype, g_dtype, mode = key
+    fmt = batch.moment_format
+    everything = len(idx) == len(batch.weights)
+
+    def pick(xs):
+        return xs if everything else [xs[i] for i in idx]
+
+    memo = batch.memo
+    part = ("lean", fmt) + key
+    m_addr, _ = owned_addresses(("mean",) + part, pick(batch.means), stage, memo)
+    v_addr, _ = owned_addresses(("var",) + part, pick(batch.vars), stage, memo)
+    weights, outs = pick(batch.weights), pick(batch.outs)
+    inplace = [o is w for o, w in zip(outs, weights)]  # (a master's weight is only written)
+    w_addr = addresses(weights, stage, inplace)
+    o_addr = w_addr if all(inplace) else addresses(outs, stage)
+    # the master and the compensation where the mode has them; elsewhere never read (the weight's address)
+    mst_addr = owned_addresses(("master",) + part, pick(batch.masters), stage, memo)[0] if mode == KL.MASTER else w_addr
+    c_addr = owned_addresses(("comp",) + part, pick(batch.comps), stage, memo)[0] if mode == KL.KAHAN else w_addr
+    if everything and noted is not None and noted[0] is batch.grads:
+        g_addr = noted[1]
+    else:
+        g_addr = addresses(pick(batch.grads), stage, [False] * len(idx))
+    sz = sizes_of(weights)
+    override = None if batch.rescale is None else float(batch.rescale)
+    scal, bias = scalar_tables(batch, idx, np.float32, override, clip_off=np.inf)
+    bias, regime = bias_regime(bias)
+    flags = np.array([regime is K.BIAS_BOTH, regime is not K.BIAS_NONE], dtype=np.bool_)
+    plan = dict(idx=idx, w=w_addr, c=c_addr, mst=mst_addr, g=g_addr, m=m_addr, v=v_addr, o=o_addr, sizes=sz, mode=mode,
+                w_mark=_MARK[w_dtype], g_mark=_MARK[g_dtype], scal=scal, bias=bias, flags=flags)
+    if fmt in codec.BLOCKED:
+        shapes = [codec.rows_and_length(w.shape) for w in weights]
+        geo = np.array([(n, r, length, -(-length // codec.BLOCK[fmt]), (length + 1) // 2)
+                        for n, (r, length) in zip(sz.tolist(), shapes)], dtype=np.int64).reshape(-1, 5)
+        counts = batch.step_counts()
+        seeds = np.array([((int(counts[i]) & 0x7FFFFFFF) * 0x9E3779B9) & 0xFFFFFFFF for i in idx], dtype=np.int64)
+        n_levels, k_levels = codec.MEAN_LEVELS[fmt], codec.VAR_LEVELS[fmt]
+        plan.update(ms=owned_addresses(("mean_scale",) + part, pick(batch.mean_scales), stage, memo)[0],
+                    vs=owned_addresses(("var_scale",) + part, pick(batch.var_scales), stage, memo)[0],
+                    geo=geo, seeds=seeds, block=codec.BLOCK[fmt], table=block_table(shapes, codec.BLOCK[fmt], KL.CHUNK),
+                    lev=np.array([n_levels, k_levels, 1.0 / n_levels, 1.0 / k_levels],  # RN(1/N) as codec
+                                 dtype=np.float32),
+                    f_mark=np.int8(0) if fmt == "8bit" else np.uint8(0))
+    else:
+        plan.update(table=chunk_table(sz, KL.CHUNK), m_mark=_MARK[torch.bfloat16 if fmt == "bf16" else torch.float32])
+    return plan
+
+
+def _lean_scratch() -> tuple:
+    threads = numba.config.NUMBA_NUM_THREADS
+    return np.empty((threads, 4, KL.CHUNK), dtype=np.float32), np.empty((threads, 2, KL.CHUNK), dtype=np.int32)
+
+
+def _lean_phase1_batch(batch: LambBatch, dry: bool) -> Phase1Result:
+    """Phase 1 of a lean batch (:mod:`.fused_cpu_lean_kernels`; ``dry``: nothing written)."""
+    _threads()
+    stage = _Staging()
+    plans = []
+    sumsq = np.zeros((3 if dry else 2, len(batch.weights)), dtype=np.float64)
+    noted = noted_gradient_addresses(batch)
+    fscratch, iscratch = _lean_scratch()
+    for key, idx in _lean_partition(batch).items():
+        p = _lean_plan(batch, key, idx, stage, noted)
+        ct, cs, cl, _ = p["table"]
+        partial = np.empty((ct.shape[0], 3), dtype=np.float64)
+        if "geo" in p:
+            KL.phase1_blocked_pass(p["w"], p["c"], p["mst"], p["g"], p["m"], p["v"], p["ms"], p["vs"], p["geo"],
+                                   p["seeds"], p["w_mark"], p["g_mark"], p["f_mark"], p["scal"], p["bias"], p["flags"],
+                                   p["lev"], p["block"], ct, cs, cl, partial, fscratch, iscratch, p["mode"], not dry)
+        else:
+            KL.phase1_elementwise_pass(p["w"], p["c"], p["mst"], p["g"], p["m"], p["v"], p["sizes"], p["w_mark"],
+                                       p["g_mark"], p["m_mark"], p["scal"], p["bias"], p["flags"], ct, cs, cl, partial,
+                                       fscratch, p["mode"], not dry)
+        sumsq[:, idx] = K.sum_chunks(partial, ct, len(idx))[:sumsq.shape[0]]
+        plans.append(p)
+    return Phase1Result(sumsq=torch.from_numpy(sumsq), carry=(plans, stage), dry=dry)
+
+
+def _lean_phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
+    """Phase 2 of a lean batch, then staged tensors copied back."""
+    plans, stage = p1.carry
+    steps_np = steps.cpu().numpy()
+    fscratch, iscratch = _lean_scratch()
+    for p in plans:
+        st = np.ascontiguousarray(steps_np[p["idx"]])
+        ct, cs, cl, _ = p["table"]
+        if "geo" in p:
+            KL.phase2_blocked_pass(p["w"], p["c"], p["mst"], p["g"], p["m"], p["v"], p["ms"], p["vs"], p["o"],
+                                   p["geo"], p["seeds"], p["w_mark"], p["g_mark"], p["f_mark"], p["scal"], p["bias"],
+                                   p["flags"], p["lev"], st, p["block"], ct, cs, cl, fscratch, iscratch, p["mode"],
+                                   p1.dry)
+        else:
+            KL.phase2_elementwise_pass(p["w"], p["c"], p["mst"], p["g"], p["m"], p["v"], p["o"], p["sizes"],
+                                       p["w_mark"], p["g_mark"], p["m_mark"], p["scal"], p["bias"], p["flags"], st,
+                                       ct, cs, cl, fscratch, p["mode"], p1.dry)
+    stage.finish()
 
 
 def lamb_step(batch: LambBatch, reducer: NormReducer = local_reducer, *, dry: bool = False) -> StepResult:
