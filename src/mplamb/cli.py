@@ -40,6 +40,13 @@ def _bench(args: argparse.Namespace) -> int:
             print("--device cuda: no CUDA device here", file=sys.stderr)
             return 2
     backends = args.backends.split(",") if args.backends else available_backends(args.device)
+    lean = [s for s in args.lean.split(",") if s]
+    try:
+        for spec in lean:
+            bench.parse_lean(spec)
+    except ValueError as e:
+        print(f"--lean: {e}", file=sys.stderr)
+        return 2
     bar = tqdm(desc="bench", bar_format="{desc}", leave=False) if tqdm else None
 
     def progress(msg: str) -> None:
@@ -47,7 +54,8 @@ def _bench(args: argparse.Namespace) -> int:
             bar.set_description_str(msg)
 
     result = bench.run(workloads, setups, repeats=args.repeats, with_peers=not args.no_peers, backends=backends,
-                       progress=progress, device=args.device, mxnet=args.mxnet_python, late_step=args.late_step)
+                       progress=progress, device=args.device, mxnet=args.mxnet_python, late_step=args.late_step,
+                       lean=lean)
     if bar is not None:
         bar.close()
     out = pathlib.Path(args.out)
@@ -164,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an interpreter with MXNet 1.9 to time its LAMB in its own process (default: "
                             "$MPLAMB_MXNET_PYTHON, else .venv-mxnet/bin/python if it exists; scripts/setup_mxnet.sh)")
     bench.add_argument("--backends", default="", help="mplamb backends to time (default: all available)")
+    bench.add_argument("--lean", default="8bit-kahan",
+                       help="comma-separated lean storages <moments>-<master weights> timed on the half-weight setups "
+                            "(e.g. 8bit-kahan,4bit-kahan,bf16-fp32; '' for none)")
     bench.add_argument("--no-peers", action="store_true", help="time only mplamb's backends and the roof")
     bench.add_argument("--late-step", type=int, default=None, metavar="T",
                        help="also time every mplamb backend with its step counts starting at T, in rows of their "

@@ -45,6 +45,18 @@ def peers() -> Dict[str, Factory]:
         out["pytorch_optimizer Lamb"] = lambda ps: pytorch_optimizer.Lamb(ps, lr=LR, weight_decay=WD)
     except Exception:
         pass
+    try:  # 8-bit optimizer state, the peers of Lamb(moments="8bit")
+        import bitsandbytes
+
+        out["bitsandbytes AdamW8bit"] = lambda ps: bitsandbytes.optim.AdamW8bit(ps, lr=LR, weight_decay=WD)
+    except Exception:
+        pass
+    try:
+        from torchao.optim import AdamW8bit as _AoAdamW8bit
+
+        out["torchao AdamW8bit"] = lambda ps: _AoAdamW8bit(ps, lr=LR, weight_decay=WD)
+    except Exception:
+        pass
     timm_lamb = _timm_lamb()
     if timm_lamb is not None:
         out["timm Lamb"] = lambda ps: timm_lamb(ps, lr=LR, weight_decay=WD)

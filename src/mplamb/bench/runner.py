@@ -11,12 +11,12 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import mplamb
-from mplamb.kernels import available_backends
+from mplamb.kernels import available_backends, get_backend
 
 from .isolated import MXNET, OPTAX, mxnet_python, own_process_peer_available, run_mxnet, run_optax
 from .peers import LR, WD, peers
@@ -27,6 +27,30 @@ from .workloads import WORKLOADS, numel
 # Bytes a step must move per parameter (reads + writes), by setup: the measure of "fraction of roof".
 LAMB_BYTES = 40  # two passes: fp32 (4+4+4+4 read, 4+4 written; 4+4+4 read, 4 written), mp likewise
 ADAMW_BYTES = 28  # one pass: grad, param, exp_avg, exp_avg_sq read; param and both moments written
+
+LEAN_DEFAULT = ("8bit-kahan",)  # lean storages timed on half-weight setups: "<moments>-<master weights>"
+
+
+def lean_bytes(dtype: torch.dtype, moments: str, master_weights: str) -> float:
+    """Bytes per parameter the two passes of a lean step move at least (``master_weights``: fp32, kahan,
+    none): phase 1 reads the gradient, both moments and the decay source and writes both moments;
+    phase 2 reads both moments and the decay source and writes the weight and its master or compensation."""
+    e = torch.empty((), dtype=dtype).element_size()
+    half = dtype in (torch.bfloat16, torch.float16)
+    c = {"fp32": 4.0, "bf16": 2.0, "8bit": 1.0, "4bit": 0.5}[moments]
+    kahan, master = half and master_weights == "kahan", half and master_weights == "fp32"
+    source = e + e if kahan else (4 if master else e)
+    written = e + e if kahan else (4 + e if master else e)
+    return e + 4 * c + source + 2 * c + source + written
+
+
+def parse_lean(spec: str) -> Tuple[str, str]:
+    """``"8bit-kahan"`` -> ``("8bit", "kahan")`` (raises ValueError on anything else)."""
+    parts = spec.split("-")
+    if len(parts) != 2 or parts[0] not in ("fp32", "bf16", "8bit", "4bit") or parts[1] not in ("fp32", "kahan", "none"):
+        raise ValueError(f"lean storage {spec!r}: expected <fp32|bf16|8bit|4bit>-<fp32|kahan|none>, e.g. 8bit-kahan")
+    return parts[0], parts[1]
+
 
 SETUPS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # mplamb params (+ fp32 masters)
 
@@ -156,12 +180,15 @@ ROOF_LABEL = {"inplace": "in-place", "copy": "copy", "triad": "triad"}
 def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: bool = True,
         backends: Optional[List[str]] = None, progress: Optional[Callable[[str], None]] = None,
         roof_elements: Optional[int] = None, device: str = "cpu", mxnet: Optional[str] = None,
-        late_step: Optional[int] = None) -> dict:
+        late_step: Optional[int] = None, lean: Sequence[str] = LEAN_DEFAULT) -> dict:
     """Benchmark every candidate on every (workload, setup) on ``device``; returns a JSON-ready dict.
 
     ``late_step``: every mplamb backend is timed a second time, in a row of its own, with its step
     counts starting at ``late_step`` (a step's cost depends on t: the fused kernels skip the bias
     divisions once their divisors are exactly 1).  The peers' cost does not depend on t.
+
+    ``lean``: lean storages (``"8bit-kahan"``: ``Lamb(moments="8bit", master_weights="kahan")``) timed on
+    every half-weight setup with each backend that steps lean state (``LEAN``).
 
     With peers on the CPU, optax (if installed) and MXNet (if ``mxnet`` or :func:`.isolated.mxnet_python`
     finds an interpreter with it) are timed in processes of their own."""
@@ -204,6 +231,20 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
                                       bytes_per_param=LAMB_BYTES), opt))
                     if start != 1:
                         late.add(id(opt))
+            if dtype != torch.float32:
+                for spec in lean:
+                    moments, mw = parse_lean(spec)
+                    for b in backends:
+                        if not getattr(get_backend(b, dev), "LEAN", False):
+                            continue
+                        ps = _params(shapes, dtype, dev)
+                        for p, g in zip(ps, grads32):
+                            p.grad = g.to(dtype)
+                        opt = mplamb.Lamb(ps, lr=LR, weight_decay=WD, backend=b, moments=moments,
+                                          master_weights={"fp32": None, "kahan": "kahan", "none": False}[mw])
+                        cands.append((Row(wl, setup, f"mplamb Lamb [{b}] {moments} moments, {mw} weights",
+                                          str(dtype).replace("torch.", ""),
+                                          bytes_per_param=lean_bytes(dtype, moments, mw)), opt))
             if with_peers:
                 for name, make in peers().items():
                     ps = _params(shapes, torch.float32, dev)
