@@ -22,6 +22,7 @@ HP = dict(lr=0.05, weight_decay=0.01, max_grad_norm=0.5)
 NO_CLIP = dict(lr=0.05, weight_decay=0.01)  # no global-norm clipping: a sharded step costs one all-reduce
 LOOSE_CLIP = dict(lr=0.05, weight_decay=0.01, max_grad_norm=1e6)  # clipping on, never clips: one all-reduce
 TIGHT_CLIP = dict(lr=0.05, weight_decay=0.01, max_grad_norm=1e-3)  # clips every step: two all-reduces
+OUT_DIR = "."  # the results' folder (main sets it): scenarios write checkpoints there
 
 
 def make_model(dtype=torch.float32):
@@ -237,8 +238,152 @@ def scenario_process_group():
     return {"max_diff": max_diff(full_model, reference()), "shard_sizes": [s.numel() for s in shards]}
 
 
+LEAN_HP = dict(lr=0.05, weight_decay=0.01, moments="8bit", master_weights="kahan")  # no clip: one all-reduce
+LEAN_MORE = 3  # steps after the lean scenario's checkpoint
+
+
+def make_lean_model():
+    """bf16 weights of >= 4096 elements (8-bit codes): (1, 4096), whose shard on rank 1 is empty, and (33, 129),
+    rows split 17/16; the small ones ((129, 1), (1, 33), the biases) keep float32 moments."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4096, 1), nn.Tanh(), nn.Linear(1, 129), nn.Tanh(), nn.Linear(129, 33), nn.Tanh(),
+                         nn.Linear(33, 1)).to(torch.bfloat16)
+
+
+def lean_fsdp_model():
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_lean_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def lean_backward(model, opt):
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 4096, generator=g).to(torch.bfloat16), torch.randn(16, 1, generator=g)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x).float(), y).backward()
+
+
+def lean_train(model, opt, steps):
+    for _ in range(steps):
+        lean_backward(model, opt)
+        opt.step()
+
+
+def effective_weights(model, opt):
+    """Each parameter's effective weight ``p + c`` (its Kahan compensation added), whole, float64."""
+    return [full(p) + (full(opt.state[p]["kahan_comp"]) if "kahan_comp" in opt.state[p] else 0.0)
+            for p in model.parameters()]
+
+
+def everything(model, opt):
+    """Every parameter and state tensor, whole (collectives: the same order on every rank)."""
+    out = [full(p) for p in model.parameters()]
+    for p in model.parameters():
+        out += [full(v) for _, v in sorted(opt.state[p].items())]
+    return out
+
+
+def lean_sharded_diff(ref_w, local_dither=False, **kw):
+    """max |FSDP2 - one process| of the effective weights after STEPS steps; ``local_dither``: the second
+    moment's dither indexed within each shard (the bug this guards against) instead of the whole parameter."""
+    import mplamb.optimizer as mo
+
+    saved = mo.dither_offset
+    if local_dither:
+        mo.dither_offset = lambda p: 0
+    try:
+        model = lean_fsdp_model()
+        opt = mplamb.Lamb(model.parameters(), **LEAN_HP, **kw)
+        lean_train(model, opt, STEPS)
+    finally:
+        mo.dither_offset = saved
+    return max(float((a - b).abs().max()) for a, b in zip(effective_weights(model, opt), ref_w))
+
+
+def scenario_fsdp2_lean():
+    """FSDP2, bf16 weights, 8-bit moments and Kahan compensations: equal to one process (the second moment's
+    dither indexes the whole parameter), one all-reduce a step, the state sharded like the parameters, a NaN
+    on one shard skipped everywhere, and a torch.distributed.checkpoint checkpoint resumed bitwise."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    ref = make_lean_model()
+    untrained = [full(p) for p in ref.parameters()]
+    ref_opt = mplamb.Lamb(ref.parameters(), **LEAN_HP)
+    lean_train(ref, ref_opt, STEPS)
+    ref_w = effective_weights(ref, ref_opt)
+
+    model = lean_fsdp_model()
+    opt = mplamb.Lamb(model.parameters(), **LEAN_HP)
+    lean_train(model, opt, STEPS - 1)
+    lean_backward(model, opt)
+    with CommDebugMode() as comm:
+        opt.step()
+    w = effective_weights(model, opt)
+    out = {"max_diff": max(float((a - b).abs().max()) for a, b in zip(w, ref_w)),
+           "max_moved": max(float((a - b).abs().max()) for a, b in zip(ref_w, untrained)),
+           "total_collectives": comm.get_total_counts(),
+           "comm_counts": {str(k): v for k, v in comm.get_comm_counts().items()},
+           "local_sizes": [p.to_local().numel() for p in model.parameters()],
+           "max_diff_reference_backend": lean_sharded_diff(ref_w, backend="reference"),
+           "max_diff_local_dither": lean_sharded_diff(ref_w, local_dither=True)}
+    layout = []  # the lean state of every parameter: DTensors placed like it, the local part its local rows
+    for p in model.parameters():
+        st = opt.state[p]
+        for k in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "kahan_comp"):
+            v = st.get(k)
+            if v is None:
+                continue
+            dt = isinstance(v, DTensor)
+            layout.append({"param": list(p.shape), "key": k, "dtype": str(v.dtype).replace("torch.", ""),
+                           "dtensor": dt, "placements": dt and tuple(v.placements) == tuple(p.placements),
+                           "local_shape": list(v.to_local().shape) if dt else None,
+                           "param_local_shape": list(p.to_local().shape)})
+    out["layout"] = layout
+
+    # torch.distributed.checkpoint: save, train on (the uninterrupted run), load into a fresh sharded model
+    # and optimizer, train the same steps: bitwise the same weights and state
+    ckpt = os.path.join(OUT_DIR, "lean_ckpt")
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+    lean_train(model, opt, LEAN_MORE)
+    uninterrupted = everything(model, opt)
+    resumed = lean_fsdp_model()
+    resumed_opt = mplamb.Lamb(resumed.parameters(), **LEAN_HP)
+    sd = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, resumed_opt)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(resumed, sd["model"])
+    set_optimizer_state_dict(resumed, resumed_opt, sd["optim"])
+    lean_train(resumed, resumed_opt, LEAN_MORE)
+    after = everything(resumed, resumed_opt)
+    out["resumed_bitwise"] = len(after) == len(uninterrupted) and all(
+        a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(after, uninterrupted))
+    out["resumed_state_keys"] = sorted(resumed_opt.state[next(iter(resumed.parameters()))])
+
+    # a NaN in rank 1's shard of the (33, 129) weight: every rank skips, weights and state bitwise unchanged
+    lean_backward(model, opt)
+    if dist.get_rank() == 1:
+        model[4].weight.grad.to_local().view(-1)[0] = float("nan")
+    before = everything(model, opt)
+    with CommDebugMode() as comm:
+        opt.step()
+    out["nan_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, everything(model, opt)))
+    out["nan_skipped_steps"] = int(opt.skipped_steps)
+    out["nan_collectives"] = comm.get_total_counts()
+    return out
+
+
 def main():
+    global OUT_DIR
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    OUT_DIR = out
     only = sys.argv[5].split(",") if len(sys.argv) > 5 else None
     import faulthandler
 
@@ -260,7 +405,8 @@ def main():
                       lambda: scenario_fsdp2(torch.float32, local_norms=True, hp=NO_CLIP)),
                      ("fsdp2_nan_on_one_shard", scenario_fsdp2_nan_on_one_shard),
                      ("fsdp2_mp_policy", scenario_fsdp2_fp32_params_bf16_compute),
-                     ("process_group", scenario_process_group)]:
+                     ("process_group", scenario_process_group),
+                     ("fsdp2_lean", scenario_fsdp2_lean)]:
         if only is not None and name not in only:
             continue
         try:

@@ -152,3 +152,43 @@ def test_readme_fsdp2_example_runs_under_torchrun():
                          env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "all-reduces per step: [1, 1, 1]; max |FSDP2 - one process| = 0" in out.stdout, out.stdout
+
+
+def test_fsdp2_lean_state_matches_single_process(results):
+    """bf16 weights, 8-bit moments, Kahan compensations, uneven and empty shards of 8-bit tensors: the second
+    moment's dither indexes the whole parameter, so FSDP2 equals one process (fused and reference backends)
+    as plain FSDP2 does (<= 1e-6; measured 0), while training moved the weights by > 0.1.  A dither indexed
+    within each shard draws other noise on rank 1's rows and lands ~5e-3 away: the check would catch it."""
+    for r in _ok(results, "fsdp2_lean"):
+        assert r["max_moved"] > 0.1
+        assert r["max_diff"] <= 1e-6 and r["max_diff_reference_backend"] <= 1e-6
+        assert r["max_diff_local_dither"] > 1e-4
+        assert r["total_collectives"] == 1 and r["comm_counts"] == {"c10d.allreduce_": 1}
+    r0, r1 = _ok(results, "fsdp2_lean")
+    assert r1["local_sizes"][0] == 0 and r0["local_sizes"][4] != r1["local_sizes"][4]  # empty, uneven 8-bit shards
+
+
+def test_fsdp2_lean_state_is_sharded_like_its_parameters(results):
+    for r in _ok(results, "fsdp2_lean"):
+        blocked = [e for e in r["layout"] if e["key"] in ("exp_avg_scale", "exp_avg_sq_scale")]
+        assert {tuple(e["param"]) for e in blocked} == {(1, 4096), (33, 129)}
+        for e in r["layout"]:
+            assert e["dtensor"] and e["placements"], e
+            assert e["local_shape"][:1] == e["param_local_shape"][:1], e  # the local rows
+        codes = {(tuple(e["param"]), e["key"]): e for e in r["layout"]}
+        assert codes[((33, 129), "exp_avg")]["dtype"] == "int8" and codes[((33, 129), "exp_avg_sq")]["dtype"] == "uint8"
+        assert codes[((33, 129), "exp_avg_scale")]["local_shape"][1:] == [1]  # one block of 256 a row of 129
+        assert codes[((1, 4096), "exp_avg_sq_scale")]["local_shape"][1:] == [16]
+        assert codes[((33, 129), "kahan_comp")]["dtype"] == "bfloat16"
+
+
+def test_fsdp2_lean_state_resumes_from_a_dcp_checkpoint_bitwise(results):
+    for r in _ok(results, "fsdp2_lean"):
+        assert r["resumed_bitwise"]
+        assert r["resumed_state_keys"] == ["exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale", "kahan_comp",
+                                           "step"]
+
+
+def test_fsdp2_lean_nan_on_one_shard_skips_on_every_rank(results):
+    for r in _ok(results, "fsdp2_lean"):
+        assert r["nan_unchanged"] and r["nan_skipped_steps"] == 1 and r["nan_collectives"] == 1

@@ -94,6 +94,26 @@ def test_dither_is_deterministic_uniform_and_depends_on_the_seed():
     assert torch.equal(codec.dither(10, torch.tensor(5.0)), a[:10])  # a device seed gives the same draw
 
 
+def test_a_shard_of_rows_draws_the_whole_tensors_dither_and_codes():
+    """A shard of rows passes its first element's index (``offset``): its dither and codes are the whole
+    tensor's rows, so FSDP2 rounds as one process does; an empty shard (0 rows) encodes and decodes."""
+    whole = codec.dither(33 * 129, 7)
+    assert torch.equal(codec.dither(16 * 129, 7, offset=17 * 129), whole[17 * 129:])
+    assert torch.equal(codec.dither(10, torch.tensor(7.0), offset=5), whole[5:15])
+    v = torch.rand(33, 129)
+    for fmt in codec.BLOCKED:
+        q, s = codec.encode_var(v, fmt, 7)
+        q1, s1 = codec.encode_var(v[17:], fmt, 7, offset=17 * 129)
+        assert torch.equal(q1, q[17:]) and torch.equal(s1, s[17:])
+        for shape in [(0, 4096), (0, 129)]:
+            empty = torch.zeros(shape)
+            qm, sm = codec.encode_mean(empty, fmt)
+            qv, sv = codec.encode_var(empty, fmt, 3, offset=4096)
+            assert qm.shape == codec.code_shape(fmt, shape) and sv.shape == codec.scale_shape(fmt, shape)
+            assert codec.decode_mean(qm, sm, fmt, shape).shape == shape
+            assert codec.decode_var(qv, sv, fmt, shape).shape == shape
+
+
 def test_dither_matches_the_documented_hash():
     def lowbias32(x):
         x ^= x >> 16

@@ -26,8 +26,8 @@ from ._validate import HALF_DTYPES
 from .distributed import is_dtensor, local
 from .kernels import codec
 
-__all__ = ["MOMENT_FORMATS", "check_storage", "param_storage", "init_state", "stored_format", "convert",
-           "state_memory"]
+__all__ = ["MOMENT_FORMATS", "check_storage", "param_storage", "init_state", "dither_offset", "stored_format",
+           "convert", "state_memory"]
 
 MOMENT_FORMATS = codec.FORMATS
 
@@ -106,6 +106,23 @@ def init_state(p: torch.Tensor, state: Dict[str, Any], fmt: str, master: bool, k
         state["master_weight"] = p.detach().to(torch.float32, copy=True)
     if kahan:
         state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+
+def dither_offset(p: torch.Tensor) -> int:
+    """The row-major index, in the whole parameter, of the first element of ``p``'s local part: 0 for a plain
+    or replicated tensor, the first local row times the row length for a DTensor sharded on dim 0.  The
+    second moment's dither draws by this global index (:func:`codec.dither`), so a sharded parameter is
+    rounded as the whole one would be, whatever the number of processes (and a resharded resume too)."""
+    if not is_dtensor(p) or p.dim() == 0:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    index, stride = 0, 1
+    for d in reversed(range(p.dim())):  # (the contiguous strides of the global shape)
+        index += int(offset[d]) * stride
+        stride *= int(p.shape[d])
+    return index
 
 
 def stored_format(state: Dict[str, Any], p: torch.Tensor) -> str:

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from ._scalars import Phase1Scalars, bias_table, compute_dtype, phase1_scalars
 from ._validate import check_beta, check_real
 from .distributed import DTensor, all_reduce_sum, local, shard_group
-from .lean_state import check_storage, convert, init_state, param_storage, state_memory
+from .lean_state import check_storage, convert, dither_offset, init_state, param_storage, state_memory
 from .kernels import codec
 from .kernels import (BACKENDS, DeviceScalars, LambBatch, StepResult, choose_backend, finish_norms, get_backend,
                       local_reducer, plan_phase1)
@@ -692,6 +692,12 @@ class Lamb(Optimizer):
         mean_scales = [st["exp_avg_scale"] for st in states] if blocked else None
         var_scales = [st["exp_avg_sq_scale"] for st in states] if blocked else None
         comps = [st["kahan_comp"] for st in states] if work.kahan else None
+        offsets = None
+        if work.dtensor and blocked:  # the dither indexes the whole parameter: each shard's first element's index
+            held = work.memo.get("dither_offsets")
+            if held is None or len(held[0]) != len(work.params) or not all(map(operator.is_, held[0], work.params)):
+                held = work.memo["dither_offsets"] = (list(work.params), [dither_offset(p) for p in work.params])
+            offsets = held[1]
         weights, grads = list(work.params), work.grads  # the very list the gradient pass saw
         if work.dtensor:  # the kernels see local shards
             means, vars_, weights = ([local(t) for t in ts] for ts in (means, vars_, weights))
@@ -726,7 +732,7 @@ class Lamb(Optimizer):
             lower_bound=group["lower_bound"], upper_bound=group["upper_bound"],
             max_trust_ratio=group["max_trust_ratio"], rescale=rescale, uniform=True, memo=work.memo,
             on_device=on_device, moment_format=work.fmt, mean_scales=mean_scales, var_scales=var_scales,
-            comps=comps, counts=steps,
+            comps=comps, counts=steps, offsets=offsets,
         )
 
     @staticmethod

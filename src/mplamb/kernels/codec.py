@@ -21,8 +21,9 @@ Formats of the moments (``Lamb(moments=...)``)
     decodes to ``m = (t * |t|) * a`` with ``t = q * RN(1/N)``: square-root companding, finer near 0.
     *Second moment* (unsigned, ``K`` = 256 or 16 levels): the scale is ``b = max v``; the code is
     ``q = clamp(floor(K * sqrt(sqrt(v * (1/b))) + d) - 1, 0, K - 1)``, rounded *stochastically* with the
-    dither ``d`` in ``[0, 1)`` of :func:`dither` (a hash of the element's index and the step count:
-    deterministic, the same in every backend and after a resume), and it decodes to
+    dither ``d`` in ``[0, 1)`` of :func:`dither` (a hash of the element's index in the whole parameter
+    and the step count: deterministic, the same in every backend, after a resume and however the
+    parameter is sharded), and it decodes to
     ``v = ((t * t) * (t * t)) * b`` with ``t = (q + 1) / K``: fourth-root companding *without a
     zero*.  The smallest code decodes to ``b / K**4 > 0``, so a second moment never decodes to 0
     while its block holds a non-zero value, and an update ``m / (sqrt(v) + eps)`` cannot blow up
@@ -139,9 +140,14 @@ def _blocks(x: torch.Tensor, shape: Sequence[int], block: int) -> torch.Tensor:
     return x.reshape(rows, nb, block)
 
 
+def _as_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` as ``rows`` rows (``reshape(rows, -1)``, which cannot infer the width of 0 rows: an empty shard)."""
+    return x.reshape(rows, x.numel() // rows if rows else 0)
+
+
 def _unblock(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     rows, length = rows_and_length(shape)
-    return x.reshape(rows, -1)[:, :length].reshape(shape)
+    return _as_rows(x, rows)[:, :length].reshape(shape)
 
 
 def _pack(q: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -156,8 +162,8 @@ def _pack(q: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 def _unpack(codes: torch.Tensor, shape: Sequence[int], signed: bool) -> torch.Tensor:
     rows, length = rows_and_length(shape)
-    c = codes.reshape(rows, -1).to(torch.int32)
-    q = torch.stack([c & 15, c >> 4], dim=-1).reshape(rows, -1)[:, :length]
+    c = _as_rows(codes, rows).to(torch.int32)
+    q = _as_rows(torch.stack([c & 15, c >> 4], dim=-1), rows)[:, :length]
     if signed:
         q = (q ^ 8) - 8
     return q.reshape(shape)
@@ -211,16 +217,18 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
-def dither(numel: int, seed: "int | torch.Tensor", device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """The stochastic-rounding offsets ``d_j`` in ``[0, 1)`` (float32) of elements ``j = 0 .. numel-1``.
+def dither(numel: int, seed: "int | torch.Tensor", device: torch.device = torch.device("cpu"),
+           offset: int = 0) -> torch.Tensor:
+    """The stochastic-rounding offsets ``d_j`` in ``[0, 1)`` (float32) of elements ``j = offset .. offset+numel-1``.
 
     ``x = (j + (seed mod 2**31) * 0x9E3779B9) mod 2**32``, mixed by the 32-bit hash (every operation
     mod ``2**32``) ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``, then
     ``d = (x >> 8) * 2**-24`` (exact in float32).  ``j`` is the element's row-major index in its
-    parameter (its local shard), ``seed`` the parameter's step count ``t`` (an int, or a 0-d tensor
-    on the device for capturable steps): a fresh, reproducible draw per element and step.
+    *whole* parameter (a shard of rows passes ``offset``, the index of its first element, so a sharded
+    tensor draws what the whole one does), ``seed`` the parameter's step count ``t`` (an int, or a 0-d
+    tensor on the device for capturable steps): a fresh, reproducible draw per element and step.
     """
-    j = torch.arange(numel, dtype=torch.int64, device=device)
+    j = torch.arange(int(offset), int(offset) + numel, dtype=torch.int64, device=device)
     if isinstance(seed, torch.Tensor):
         s = seed.to(device=device, dtype=torch.int64) & 0x7FFFFFFF
     else:
@@ -234,15 +242,17 @@ def dither(numel: int, seed: "int | torch.Tensor", device: torch.device = torch.
     return (x >> 8).to(torch.float32) * (2.0 ** -24)
 
 
-def encode_var(v: torch.Tensor, fmt: str, seed: "int | torch.Tensor" = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(codes, scales)`` of the second moment ``v`` (float32, >= 0, the parameter's shape), stochastically
-    rounded with :func:`dither` of ``seed`` (the step count)."""
+def encode_var(v: torch.Tensor, fmt: str, seed: "int | torch.Tensor" = 0,
+               offset: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(codes, scales)`` of the second moment ``v`` (float32, >= 0, the parameter's shape, or a shard of its
+    rows whose first element has index ``offset`` in the whole parameter), stochastically rounded with
+    :func:`dither` of ``seed`` (the step count)."""
     if fmt in ("fp32", "bf16"):
         return v.to(code_dtype(fmt, "var")), None
     k_levels = VAR_LEVELS[fmt]
     shape = v.shape
     x = _blocks(v, shape, BLOCK[fmt])
-    d = _blocks(dither(v.numel(), seed, v.device).reshape(shape), shape, BLOCK[fmt])
+    d = _blocks(dither(v.numel(), seed, v.device, offset).reshape(shape), shape, BLOCK[fmt])
     scale = x.amax(dim=-1)
     r = x * _reciprocal(scale)[..., None]
     k = torch.floor(ieee_sqrt(ieee_sqrt(r)) * float(k_levels) + d)

@@ -140,6 +140,7 @@ class LambBatch:
     var_scales: Optional[List[Optional[torch.Tensor]]] = None
     comps: Optional[List[Optional[torch.Tensor]]] = None  # Kahan compensations (the weight's dtype), or None
     counts: Optional[Sequence[int]] = None  # each tensor's step t (host; the dither seed of lean formats)
+    offsets: Optional[Sequence[int]] = None  # a shard's first element's index in its whole parameter (the dither's)
 
     @property
     def lean(self) -> bool:
@@ -151,6 +152,11 @@ class LambBatch:
         if self.on_device is not None:
             return [s + 1 for s in self.on_device.steps]
         return list(self.counts) if self.counts is not None else [0] * len(self.weights)
+
+    def dither_offsets(self) -> List[int]:
+        """Each tensor's first element's row-major index in its whole parameter (0 unless a shard of rows):
+        the index base of the second moment's dither (:func:`.codec.dither`)."""
+        return list(self.offsets) if self.offsets is not None else [0] * len(self.weights)
 
     def decay_source(self, i: int) -> torch.Tensor:
         """The weight phase 1 decays and phase 2 updates: the master if any, else the weight."""
@@ -171,7 +177,8 @@ class LambBatch:
                          lower_bound=self.lower_bound, upper_bound=self.upper_bound,
                          max_trust_ratio=self.max_trust_ratio, rescale=self.rescale, uniform=self.uniform,
                          on_device=dev, moment_format=self.moment_format, mean_scales=pick(self.mean_scales),
-                         var_scales=pick(self.var_scales), comps=pick(self.comps), counts=pick(self.counts))
+                         var_scales=pick(self.var_scales), comps=pick(self.comps), counts=pick(self.counts),
+                         offsets=pick(self.offsets))
 
     def compute_dtypes(self) -> List[torch.dtype]:
         """Per-tensor arithmetic dtype: float64 for float64 decay sources, float32 otherwise."""

@@ -215,8 +215,10 @@ def _lean_plan(batch: LambBatch, key: tuple, idx: list, stage: "_Staging", noted
         shapes = [codec.rows_and_length(w.shape) for w in weights]
         geo = np.array([(n, r, length, -(-length // codec.BLOCK[fmt]), (length + 1) // 2)
                         for n, (r, length) in zip(sz.tolist(), shapes)], dtype=np.int64).reshape(-1, 5)
-        counts = batch.step_counts()
-        seeds = np.array([((int(counts[i]) & 0x7FFFFFFF) * 0x9E3779B9) & 0xFFFFFFFF for i in idx], dtype=np.int64)
+        counts, offsets = batch.step_counts(), batch.dither_offsets()
+        # the dither's (j + t * 0x9E3779B9) mod 2**32, j = offset + the local index: t's and offset's terms in one
+        seeds = np.array([(((int(counts[i]) & 0x7FFFFFFF) * 0x9E3779B9) + int(offsets[i])) & 0xFFFFFFFF for i in idx],
+                         dtype=np.int64)
         n_levels, k_levels = codec.MEAN_LEVELS[fmt], codec.VAR_LEVELS[fmt]
         plan.update(ms=owned_addresses(("mean_scale",) + part, pick(batch.mean_scales), stage, memo)[0],
                     vs=owned_addresses(("var_scale",) + part, pick(batch.var_scales), stage, memo)[0],

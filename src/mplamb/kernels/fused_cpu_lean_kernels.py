@@ -68,7 +68,7 @@ _TWO_M24 = np.float32(2.0 ** -24)
 @njit(inline="always")
 def dither(j, golden_seed):
     """:func:`mplamb.kernels.codec.dither` of element ``j``: ``golden_seed`` is the host's
-    ``((t mod 2**31) * 0x9E3779B9) mod 2**32`` for the step ``t`` (all arithmetic in uint64, masked
+    ``((t mod 2**31) * 0x9E3779B9 + offset) mod 2**32`` for the step ``t`` and the tensor's dither offset (all arithmetic in uint64, masked
     to 32 bits after every addition and multiplication)."""
     x = (np.uint64(j) + np.uint64(golden_seed)) & _M32
     x = x ^ (x >> _S16)

@@ -149,7 +149,7 @@ def lean_update(batch: LambBatch, i: int, w: torch.Tensor, t: Union[int, torch.T
     old_v = codec.decode_var(batch.vars[i], vs, fmt, shape)
     m, v = moments(batch.grads[i], old_m, old_v, batch.scalars[i], w.dtype, batch.rescale)
     mq, ms = codec.encode_mean(m, fmt)
-    vq, vs = codec.encode_var(v, fmt, t)
+    vq, vs = codec.encode_var(v, fmt, t, batch.dither_offsets()[i])
     g = direction(codec.decode_mean(mq, ms, fmt, shape), codec.decode_var(vq, vs, fmt, shape), w,
                   batch.scalars[i], bias)
     return g, (mq, ms, vq, vs)
