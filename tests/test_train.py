@@ -287,6 +287,22 @@ def test_bench_runs_on_a_tiny_workload(tmp_path, monkeypatch, capsys):
     assert "unknown workload" in capsys.readouterr().err
     assert cli.main(["bench", "--setups", "fp8"]) == 2
     assert "unknown setup 'fp8' (choose from fp32, bf16, fp16)" in capsys.readouterr().err
+    assert cli.main(["bench", "--lean", "8bit-fp16"]) == 2
+    assert "expected <fp32|bf16|8bit|4bit>-<fp32|kahan|none>" in capsys.readouterr().err
+
+
+def test_bench_lean_rows_and_their_bytes(monkeypatch):
+    from mplamb import bench
+    from mplamb.bench.runner import lean_bytes
+
+    monkeypatch.setitem(bench.WORKLOADS, "tiny", lambda: [(64, 80), (7,)])
+    result = bench.run(["tiny"], ["fp32", "bf16"], repeats=1, roof_elements=100_000, with_peers=False,
+                       backends=["reference"], lean=["8bit-kahan"])
+    lean = [r for r in result["rows"] if "8bit moments, kahan weights" in r["name"]]
+    assert [r["setup"] for r in lean] == ["bf16"]  # lean rows on the half-weight setups only
+    # bf16 weight 2 B, codes 1 B: grad 2 + codes 4x1 + (p, c) 4 | codes 2x1 + (p, c) 4 + (p, c) written 4
+    assert lean[0]["bytes_per_param"] == lean_bytes(torch.bfloat16, "8bit", "kahan") == 20.0
+    assert lean_bytes(torch.float32, "fp32", "fp32") == 40.0  # fp32 weights and moments: the full-state LAMB_BYTES
 
 
 def test_bench_ratios_are_paired_by_round():
