@@ -42,11 +42,13 @@ integer); the optimizer never stores them (it skips non-finite steps).
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import get_thread_id, njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
-from .fused_cpu_kernels import (CHUNK, cast_like, divide_by_constant, divide_in_float64, load, store,
-                                sum_of_squares, sums_of_squares, view, _moments)
+from .fused_cpu_kernels import (BIAS_BOTH, BIAS_NONE, BIAS_VAR, CHUNK, _bits_from_f32, _direction, _f32_from_bits,
+                                _moments, cast_like, divide_by_constant, divide_in_float64, load, store,
+                                sum_of_squares, sums_of_squares, view)
 
 __all__ = ["CHUNK", "PLAIN", "MASTER", "KAHAN", "phase1_elementwise_pass", "phase2_elementwise_pass",
            "phase1_blocked_pass", "phase2_blocked_pass"]
@@ -56,27 +58,46 @@ PLAIN = 0  # out = RN(new)            (the weight, or a separate output)
 MASTER = 1  # master = new; out = RN(new)
 KAHAN = 2  # out = p = RN(new); comp = RN(new - float32(p))
 
-_M32 = np.uint64(0xFFFFFFFF)
-_MUL0 = np.uint64(0x7FEB352D)
-_MUL1 = np.uint64(0x846CA68B)
-_S8, _S15, _S16 = np.uint64(8), np.uint64(15), np.uint64(16)
+_ABS = np.uint32(0x7FFFFFFF)
 _TWO_M24 = np.float32(2.0 ** -24)
+
+# How the kernels are laid out for speed (every loop below is straight-line code over contiguous
+# float32 scratch, so LLVM vectorises it; the arithmetic per element is unchanged): a work item is
+# processed in stages, each one loop over the item or one of its blocks -- decode the old moments,
+# update them with the scales (a max over the float bits: vectorises where a float max with NaN
+# handling does not), encode + decode the new codes, then the directions in one loop per
+# bias-correction regime (the run-time flags are tested once per item, never per element), the
+# sums of squares, and the weight writes (one rounding store per loop).  The stages shared by several
+# passes are functions of their own, called once per work item: each is compiled once, not inlined
+# into every pass (compile time).
 
 
 # ------------------------------------------------------------------ element helpers
 
+@intrinsic
+def _mix32(typingctx, j, seed):
+    """The 32-bit hash of :func:`mplamb.kernels.codec.dither` of ``(j + seed) mod 2**32`` in 32-bit
+    integer operations (each one mod ``2**32``, as the hash is defined), so that loops over it
+    vectorise in 32-bit lanes: ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B;
+    x ^= x >> 16``, returned ``>> 8`` (< 2**24) as an int32."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        x = builder.add(builder.trunc(args[0], i32), builder.trunc(args[1], i32))
+        for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            x = builder.xor(x, builder.lshr(x, ir.Constant(i32, shift)))
+            x = builder.mul(x, ir.Constant(i32, mul))
+        x = builder.xor(x, builder.lshr(x, ir.Constant(i32, 16)))
+        return builder.lshr(x, ir.Constant(i32, 8))
+
+    return types.int32(types.int64, types.int64), codegen
+
+
 @njit(inline="always")
 def dither(j, golden_seed):
     """:func:`mplamb.kernels.codec.dither` of element ``j``: ``golden_seed`` is the host's
-    ``((t mod 2**31) * 0x9E3779B9 + offset) mod 2**32`` for the step ``t`` and the tensor's dither offset (all arithmetic in uint64, masked
-    to 32 bits after every addition and multiplication)."""
-    x = (np.uint64(j) + np.uint64(golden_seed)) & _M32
-    x = x ^ (x >> _S16)
-    x = (x * _MUL0) & _M32
-    x = x ^ (x >> _S15)
-    x = (x * _MUL1) & _M32
-    x = x ^ (x >> _S16)
-    return np.float32(x >> _S8) * _TWO_M24
+    ``((t mod 2**31) * 0x9E3779B9 + offset) mod 2**32`` for the step ``t`` and the tensor's dither
+    offset (:func:`_mix32`); ``(x >> 8) * 2**-24`` is exact in float32."""
+    return np.float32(_mix32(np.int64(j), np.int64(golden_seed))) * _TWO_M24
 
 
 @njit(inline="always")
@@ -112,14 +133,6 @@ def encode_var(x, rb, k_levels, d):
     return np.int32(k)
 
 
-@njit(cache=True)
-def rounded(x, mark):
-    """``x`` stored as ``mark``'s type (an element-wise format's code: float32, or bfloat16 bits rounded to
-    nearest even).  A function of its own rather than inlined into the loops: numba's IR inliner
-    mishandles several inlined copies of the bfloat16 store in one loop body (LLVM inlines it instead)."""
-    return store(x, mark)
-
-
 @njit(inline="always")
 def reciprocal(a):
     """``1/a`` in float32, 0 where ``a`` is not positive (codec's ``_reciprocal``)."""
@@ -136,6 +149,25 @@ def direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var):
     return m / (np.sqrt(v) + eps) + w * wd
 
 
+@njit(cache=True, error_model="numpy")
+def directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var):
+    """``gb[j] = direction(mb[j], vb[j], wb[j])``: the regime is tested once, each case a loop of its own
+    with the regime a compile-time constant (:func:`.fused_cpu_kernels._direction`)."""
+    n = gb.shape[0]
+    if div_mean and div_var:
+        for j in range(n):
+            gb[j] = _direction(mb[j], vb[j], wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_BOTH)
+    elif div_var and not div_mean:
+        for j in range(n):
+            gb[j] = _direction(mb[j], vb[j], wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_VAR)
+    elif not div_var and not div_mean:
+        for j in range(n):
+            gb[j] = _direction(mb[j], vb[j], wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_NONE)
+    else:  # the mean divided, the var not: no launcher asks for it
+        for j in range(n):
+            gb[j] = direction(mb[j], vb[j], wb[j], eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+
+
 def packed(fmark):  # pragma: no cover - replaced by the overload below inside numba
     raise NotImplementedError
 
@@ -148,72 +180,127 @@ def _packed(fmark):
 
 
 @njit(inline="always")
-def mean_code(codes, base, j, fmark):
-    """The signed first-moment code of element ``j`` of a block whose codes start at ``base``
-    (8-bit: element ``base + j``; 4-bit: nibble ``j & 1`` of byte ``base + j // 2``)."""
-    if packed(fmark):
-        x = (np.int32(codes[base + (j >> 1)]) >> np.int32(4 * (j & 1))) & np.int32(15)
-        return (x ^ np.int32(8)) - np.int32(8)
-    return np.int32(codes[base + j])
-
-
-@njit(inline="always")
-def var_code(codes, base, j, fmark):
-    """The unsigned second-moment code of element ``j`` of a block (see :func:`mean_code`)."""
-    if packed(fmark):
-        return (np.int32(codes[base + (j >> 1)]) >> np.int32(4 * (j & 1))) & np.int32(15)
-    return np.int32(codes[base + j])
-
-
-@njit(inline="always")
 def put_codes(codes, base, q, n, fmark):
-    """Store the block's ``n`` codes ``q`` (4-bit: two a byte, the even one low; a lone last one with a
-    zero high nibble, as the reference pads)."""
+    """Store the block's ``n`` codes ``q`` at ``base`` (4-bit: two a byte, the even one low; a lone last
+    one with a zero high nibble, as the reference pads)."""
     if packed(fmark):
-        for jj in range(0, n - 1, 2):
-            codes[base + (jj >> 1)] = (q[jj] & np.int32(15)) | ((q[jj + 1] & np.int32(15)) << np.int32(4))
+        half = n >> 1
+        out = codes[base:base + half]
+        for jj in range(half):
+            out[jj] = (q[2 * jj] & np.int32(15)) | ((q[2 * jj + 1] & np.int32(15)) << np.int32(4))
         if n & 1:
-            codes[base + ((n - 1) >> 1)] = q[n - 1] & np.int32(15)
+            codes[base + half] = q[n - 1] & np.int32(15)
     else:
+        out = codes[base:base + n]
         for j in range(n):
-            codes[base + j] = q[j]
+            out[j] = q[j]
 
 
 @njit(inline="always")
-def effective_weights(w, c, mst, e, n, out, wmode):
-    """``out[:n]`` = the effective weights of elements ``e .. e+n-1`` (``wmode``): ``float32(p) +
-    float32(c)`` with a compensation, the master, or the weight widened."""
-    if wmode == KAHAN:
-        for j in range(n):
-            out[j] = load(w[e + j]) + load(c[e + j])
-    elif wmode == MASTER:
-        for j in range(n):
-            out[j] = mst[e + j]
+def decode_block(mc, vc, base, n, a, b, inv_n, inv_k, mb, vb, fmark):
+    """``mb[:n]``/``vb[:n]`` = the moments the block's codes (at ``base``) and scales ``a``/``b`` hold."""
+    if packed(fmark):
+        cm, cv = mc[base:base + (n >> 1)], vc[base:base + (n >> 1)]
+        for jj in range(n >> 1):
+            x = np.int32(cm[jj])
+            mb[2 * jj] = decode_mean(((x & np.int32(15)) ^ np.int32(8)) - np.int32(8), a, inv_n)
+            mb[2 * jj + 1] = decode_mean((((x >> np.int32(4)) & np.int32(15)) ^ np.int32(8)) - np.int32(8), a, inv_n)
+        for jj in range(n >> 1):
+            y = np.int32(cv[jj])
+            vb[2 * jj] = decode_var(y & np.int32(15), b, inv_k)
+            vb[2 * jj + 1] = decode_var((y >> np.int32(4)) & np.int32(15), b, inv_k)
+        if n & 1:
+            x = np.int32(mc[base + (n >> 1)])
+            mb[n - 1] = decode_mean(((x & np.int32(15)) ^ np.int32(8)) - np.int32(8), a, inv_n)
+            vb[n - 1] = decode_var(np.int32(vc[base + (n >> 1)]) & np.int32(15), b, inv_k)
     else:
+        cm, cv = mc[base:base + n], vc[base:base + n]
         for j in range(n):
-            out[j] = load(w[e + j])
+            mb[j] = decode_mean(np.int32(cm[j]), a, inv_n)
+        for j in range(n):
+            vb[j] = decode_var(np.int32(cv[j]), b, inv_k)
 
 
 @njit(cache=True, error_model="numpy")
-def write_weights(wb, gb, step, mst, c, o, e, n, wmode, w_mark):
-    """Phase 2's writes for elements ``e .. e+n-1``: ``new = wb - step * gb`` stored as ``wmode`` says."""
+def effective_weights(w, c, mst, out, wmode):
+    """``out`` = the effective weights (``wmode``) of the slices ``w``/``c``/``mst``: ``float32(p) +
+    float32(c)`` with a compensation, the master, or the weight widened."""
+    n = out.shape[0]
     if wmode == KAHAN:
         for j in range(n):
-            new = wb[j] - step * gb[j]
-            p = rounded(new, w_mark)
-            o[e + j] = p
-            c[e + j] = rounded(new - load(p), w_mark)
+            out[j] = load(w[j]) + load(c[j])
     elif wmode == MASTER:
         for j in range(n):
-            new = wb[j] - step * gb[j]
-            mst[e + j] = new
-            o[e + j] = rounded(new, w_mark)
+            out[j] = mst[j]
     else:
         for j in range(n):
-            o[e + j] = rounded(wb[j] - step * gb[j], w_mark)
+            out[j] = load(w[j])
+
+
+@njit(cache=True, error_model="numpy")
+def store_all(x, out, mark):
+    """``out[j] = RN(x[j])`` in ``mark``'s format.  Each rounding store lives in a small function of
+    its own, called once per work item: numba's IR inliner mishandles several inlined copies of the
+    bfloat16 store in one function (``NumbaIRAssumptionWarning``), and one copy a loop still lets
+    LLVM vectorise it."""
+    for j in range(x.shape[0]):
+        out[j] = store(x[j], mark)
+
+
+@njit(cache=True, error_model="numpy")
+def round_all(x, mark):
+    """``x[j] = float32(RN(x[j]))``: ``x`` rounded to ``mark``'s format in place (see :func:`store_all`)."""
+    for j in range(x.shape[0]):
+        x[j] = load(store(x[j], mark))
+
+
+@njit(cache=True, error_model="numpy")
+def write_weights(wb, gb, step, mst, c, o, wmode, w_mark):
+    """Phase 2's writes into the slices ``mst``/``c``/``o``: ``new = wb - step * gb`` stored as ``wmode``
+    says (``wb``/``gb`` are overwritten: Kahan keeps ``new`` in ``wb`` and ``new - float32(p)`` in ``gb``)."""
+    n = wb.shape[0]
+    if wmode == KAHAN:
+        for j in range(n):
+            wb[j] = wb[j] - step * gb[j]
+        store_all(wb, o, w_mark)
+        for j in range(n):
+            gb[j] = wb[j] - load(o[j])
+        store_all(gb, c, w_mark)
+    elif wmode == MASTER:
+        for j in range(n):
+            mst[j] = wb[j] - step * gb[j]
+        store_all(mst, o, w_mark)
+    else:
+        for j in range(n):
+            gb[j] = wb[j] - step * gb[j]
+        store_all(gb, o, w_mark)
 
 
 # ------------------------------------------------------------------ element-wise formats ("fp32", "bf16")
+
+@njit(inline="always")
+def round_moment(x, codes, m_mark, write):
+    """``x`` rounded to the format in place (and stored into ``codes`` when ``write``: the rounded value
+    rounds to itself)."""
+    round_all(x, m_mark)
+    if write:
+        store_all(x, codes, m_mark)
+
+
+@njit(cache=True, error_model="numpy")
+def update_elements(g, mean, var, wb, gb, mb, vb, m_mark, write, rescale, clip, b1, b2, omb1, omb2, eps, wd,
+                    bias1, bias2, inv1, inv2, div_mean, div_var):
+    """One chunk of the element-wise formats (slices ``g``/``mean``/``var``): ``gb`` = the directions from
+    the new moments rounded to the format (written when ``write``), ``wb`` the effective weights."""
+    n = wb.shape[0]
+    for j in range(n):
+        m, v = _moments(g[j], load(mean[j]), load(var[j]), rescale, clip, b1, b2, omb1, omb2)
+        mb[j] = m
+        vb[j] = v
+    round_moment(mb, mean, m_mark, write)
+    round_moment(vb, var, m_mark, write)
+    directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def phase1_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, sizes, w_mark, g_mark, m_mark, scal,
@@ -222,30 +309,26 @@ def phase1_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, si
     the per-chunk partial sums ``partial[k]`` = (w**2, g**2, grad**2 (dry only)).  ``scal[i]`` =
     (rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd) float32 (clip +inf: off), ``bias[i]`` =
     (bias1, bias2, 1/bias1, 1/bias2) float64, ``flags`` = (divide the mean, divide the var).  The new
-    moments are rounded to the format and written when ``write``; ``g`` uses the rounded values."""
+    moments are rounded to the format and written when ``write``; ``g`` uses the rounded values.
+    ``scratch[thread]``: four float32 rows of :data:`CHUNK`."""
     div_mean, div_var = flags[0], flags[1]
     for k in prange(chunk_tensor.shape[0]):
         i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
         size = sizes[i]
-        w, c = view(w_addr[i], size, w_mark), view(c_addr[i], size, w_mark)
-        mst = view(mst_addr[i], size, np.float32(0))
-        g = view(g_addr[i], size, g_mark)
-        mean, var = view(m_addr[i], size, m_mark), view(v_addr[i], size, m_mark)
+        w, c = view(w_addr[i], size, w_mark)[s0:s0 + n], view(c_addr[i], size, w_mark)[s0:s0 + n]
+        mst = view(mst_addr[i], size, np.float32(0))[s0:s0 + n]
+        g = view(g_addr[i], size, g_mark)[s0:s0 + n]
+        mean, var = view(m_addr[i], size, m_mark)[s0:s0 + n], view(v_addr[i], size, m_mark)[s0:s0 + n]
         rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
         bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], bias[i, 3]
         tid = get_thread_id()
         wb, gb = scratch[tid, 0, :n], scratch[tid, 1, :n]
-        effective_weights(w, c, mst, s0, n, wb, wmode)
-        for j in range(n):
-            m, v = _moments(g[s0 + j], load(mean[s0 + j]), load(var[s0 + j]), rescale, clip, b1, b2, omb1, omb2)
-            mq, vq = rounded(m, m_mark), rounded(v, m_mark)
-            if write:
-                mean[s0 + j] = mq
-                var[s0 + j] = vq
-            gb[j] = direction(load(mq), load(vq), wb[j], eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+        effective_weights(w, c, mst, wb, wmode)
+        update_elements(g, mean, var, wb, gb, scratch[tid, 2, :n], scratch[tid, 3, :n], m_mark, write, rescale,
+                        clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
         partial[k, 0], partial[k, 1] = sums_of_squares(wb, gb)
-        partial[k, 2] = 0.0 if write else sum_of_squares(g[s0:s0 + n])
+        partial[k, 2] = 0.0 if write else sum_of_squares(g)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -258,78 +341,120 @@ def phase2_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, o_
     for k in prange(chunk_tensor.shape[0]):
         i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
         size = sizes[i]
-        w, c = view(w_addr[i], size, w_mark), view(c_addr[i], size, w_mark)
-        mst = view(mst_addr[i], size, np.float32(0))
-        g = view(g_addr[i], size, g_mark)
-        mean, var = view(m_addr[i], size, m_mark), view(v_addr[i], size, m_mark)
-        o = view(o_addr[i], size, w_mark)
+        w, c = view(w_addr[i], size, w_mark)[s0:s0 + n], view(c_addr[i], size, w_mark)[s0:s0 + n]
+        mst = view(mst_addr[i], size, np.float32(0))[s0:s0 + n]
+        g = view(g_addr[i], size, g_mark)[s0:s0 + n]
+        mean, var = view(m_addr[i], size, m_mark)[s0:s0 + n], view(v_addr[i], size, m_mark)[s0:s0 + n]
+        o = view(o_addr[i], size, w_mark)[s0:s0 + n]
         rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
         bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], bias[i, 3]
         step = cast_like(steps[i], eps)
         tid = get_thread_id()
-        wb, gb = scratch[tid, 0, :n], scratch[tid, 1, :n]
-        effective_weights(w, c, mst, s0, n, wb, wmode)
+        wb, gb, mb, vb = scratch[tid, 0, :n], scratch[tid, 1, :n], scratch[tid, 2, :n], scratch[tid, 3, :n]
+        effective_weights(w, c, mst, wb, wmode)
         if recompute:
-            for j in range(n):
-                m, v = _moments(g[s0 + j], load(mean[s0 + j]), load(var[s0 + j]), rescale, clip, b1, b2, omb1,
-                                omb2)
-                mq, vq = rounded(m, m_mark), rounded(v, m_mark)
-                mean[s0 + j] = mq
-                var[s0 + j] = vq
-                gb[j] = direction(load(mq), load(vq), wb[j], eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+            update_elements(g, mean, var, wb, gb, mb, vb, m_mark, True, rescale, clip, b1, b2, omb1, omb2, eps, wd,
+                            bias1, bias2, inv1, inv2, div_mean, div_var)
         else:
             for j in range(n):
-                gb[j] = direction(load(mean[s0 + j]), load(var[s0 + j]), wb[j], eps, wd, bias1, bias2, inv1, inv2,
-                                  div_mean, div_var)
-        write_weights(wb, gb, step, mst, c, o, s0, n, wmode, w_mark)
+                mb[j] = load(mean[j])
+            for j in range(n):
+                vb[j] = load(var[j])
+            directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+        write_weights(wb, gb, step, mst, c, o, wmode, w_mark)
 
 
 # ------------------------------------------------------------------ blocked formats ("8bit", "4bit")
 
 @njit(inline="always")
-def block_at(e, length, block, nb, half, fmark):
-    """Block geometry of the block starting at element ``e`` of a tensor of rows of ``length``:
-    ``(n, scale index, code base)`` (``nb`` blocks a row, ``half`` packed bytes a row)."""
+def first_block(e, length, block, nb):
+    """``(row, column, scale index)`` of the block starting at element ``e`` of a tensor of rows of
+    ``length`` (``nb`` blocks a row): the walk's start; :func:`next_block` steps it without a division."""
     r = e // length
     col = e - r * length
+    return r, col, r * nb + col // block
+
+
+@njit(inline="always")
+def block_at(r, col, e, length, block, half, fmark):
+    """``(n, code base)`` of the block at row ``r``, column ``col`` (element ``e``): ``min(B, L - col)``
+    elements, codes at ``e`` (8-bit) or ``r * half + col / 2`` (4-bit, ``half`` packed bytes a row)."""
     n = min(block, length - col)
     base = r * half + (col >> 1) if packed(fmark) else e
-    return n, r * nb + col // block, base
+    return n, base
+
+
+@njit(inline="always")
+def next_block(r, col, si, n, length):
+    """The walk's next block: ``(row, column, scale index)`` after the block of ``n`` elements."""
+    col += n
+    if col >= length:
+        return r + 1, col - length, si + 1
+    return r, col, si + 1
 
 
 @njit(cache=True, error_model="numpy")
-def update_block(e, n, si, base, w, c, mst, g, mc, vc, ms, vs, wb, gb, mb, vb, qm, qv, seed, lev, wmode, write,
-                 rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, fmark):
-    """One block of phase 1 (the stages of the module docstring): ``wb[:n]``/``gb[:n]`` receive the
-    effective weights and the directions from the new codes; with ``write`` the codes (at ``base``) and
-    the scales (index ``si``) are overwritten — after every old code of the block was read."""
+def decode_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, mb, vb, inv_n, inv_k, fmark):
+    """``mb[:ne]``/``vb[:ne]`` = the stored moments of elements ``e0 .. e0+ne-1`` (whole blocks)."""
+    r, col, si = first_block(e0, length, block, nb)
+    e = e0
+    while e < e0 + ne:
+        n, base = block_at(r, col, e, length, block, half, fmark)
+        off = e - e0
+        off = e - e0
+        decode_block(mc, vc, base, n, ms[si], vs[si], inv_n, inv_k, mb[off:off + n], vb[off:off + n], fmark)
+        r, col, si = next_block(r, col, si, n, length)
+        e += n
+
+
+@njit(cache=True, error_model="numpy")
+def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, vb, qm, qv, seed, lev, write,
+                rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, fmark):
+    """Phase 1 of the work item of elements ``e0 .. e0+ne-1`` (whole blocks; the stages of the module
+    docstring) block by block, given its effective weights ``wb[:ne]``: ``gb[:ne]`` receives the
+    directions from the new codes; with ``write`` each block's codes and scales are overwritten once
+    its old codes were read.  ``mb``/``vb`` (``ne``) and ``qm``/``qv`` (a block) are scratch."""
     n_levels, k_levels, inv_n, inv_k = lev[0], lev[1], lev[2], lev[3]
-    effective_weights(w, c, mst, e, n, wb, wmode)
-    a_old, b_old = ms[si], vs[si]
-    a = np.float32(0.0)
-    b = np.float32(0.0)
-    for j in range(n):
-        m, v = _moments(g[e + j], decode_mean(mean_code(mc, base, j, fmark), a_old, inv_n),
-                        decode_var(var_code(vc, base, j, fmark), b_old, inv_k), rescale, clip, b1, b2, omb1, omb2)
-        mb[j] = m
-        vb[j] = v
-        am = np.abs(m)
-        if am > a or am != am:  # the block's max |m| and max v; NaN sticks (torch.amax)
-            a = am
-        if v > b or v != v:
-            b = v
-    ra, rb = reciprocal(a), reciprocal(b)
-    for j in range(n):
-        qm[j] = encode_mean(mb[j], ra, n_levels)
-        qv[j] = encode_var(vb[j], rb, k_levels, dither(e + j, seed))
-        gb[j] = direction(decode_mean(qm[j], a, inv_n), decode_var(qv[j], b, inv_k), wb[j], eps, wd, bias1, bias2,
-                          inv1, inv2, div_mean, div_var)
-    if write:
-        put_codes(mc, base, qm, n, fmark)
-        put_codes(vc, base, qv, n, fmark)
-        ms[si] = a
-        vs[si] = b
+    r, col, si = first_block(e0, length, block, nb)
+    e = e0
+    while e < e0 + ne:
+        n, base = block_at(r, col, e, length, block, half, fmark)
+        off = e - e0
+        mbb, vbb, gbb = mb[off:off + n], vb[off:off + n], g[e:e + n]
+        decode_block(mc, vc, base, n, ms[si], vs[si], inv_n, inv_k, mbb, vbb, fmark)
+        # max |m| and max v (0 for none; NaN sticks, as torch.amax) as the largest of the magnitudes' bit
+        # patterns, which order like their values (NaN above inf): an integer max that vectorises
+        # (v >= 0, so max |v| is max v)
+        ia = np.uint32(0)
+        ib = np.uint32(0)
+        for j in range(n):
+            m, v = _moments(gbb[j], mbb[j], vbb[j], rescale, clip, b1, b2, omb1, omb2)
+            mbb[j] = m
+            vbb[j] = v
+            um = np.uint32(_bits_from_f32(m) & _ABS)
+            uv = np.uint32(_bits_from_f32(v) & _ABS)
+            ia = um if um > ia else ia
+            ib = uv if uv > ib else ib
+        a, b = _f32_from_bits(np.uint32(ia)), _f32_from_bits(np.uint32(ib))
+        ra, rb = reciprocal(a), reciprocal(b)
+        for j in range(n):
+            q = encode_mean(mbb[j], ra, n_levels)
+            qm[j] = q
+            mbb[j] = decode_mean(q, a, inv_n)
+        block_seed = seed + e  # the dither of element e + j (mod 2**32: j's 32-bit induction vectorises)
+        for j in range(n):
+            q = encode_var(vbb[j], rb, k_levels, dither(j, block_seed))
+            qv[j] = q
+            vbb[j] = decode_var(q, b, inv_k)
+        if write:  # every old code of the block was read (decode_block above)
+            put_codes(mc, base, qm, n, fmark)
+            put_codes(vc, base, qv, n, fmark)
+            ms[si] = a
+            vs[si] = b
+        r, col, si = next_block(r, col, si, n, length)
+        e += n
+    directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -339,14 +464,15 @@ def phase1_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
     """Phase 1 of the blocked formats (``fmark``: ``int8`` for 8 bits, ``uint8`` for 4) over work items of
     whole blocks, and their partial sums (see :func:`phase1_elementwise_pass`).  ``geo[i]`` = (numel,
     rows, L, blocks a row, code bytes a row (4-bit)), ``seeds[i]`` the dither's seed term of tensor
-    ``i``'s step, ``lev`` = (N, K, RN(1/N), 1/K) float32, ``block`` = B."""
+    ``i``'s step, ``lev`` = (N, K, RN(1/N), 1/K) float32, ``block`` = B.  ``fscratch[thread]``: four
+    float32 rows of :data:`CHUNK`; ``iscratch[thread]``: two int32 rows of at least B."""
     div_mean, div_var = flags[0], flags[1]
     for k in prange(item_tensor.shape[0]):
         i, e0, ne = item_tensor[k], item_start[k], item_len[k]
         size, rows, length, nb, half = geo[i, 0], geo[i, 1], geo[i, 2], geo[i, 3], geo[i, 4]
         csize = rows * half if packed(fmark) else size
-        w, c = view(w_addr[i], size, w_mark), view(c_addr[i], size, w_mark)
-        mst = view(mst_addr[i], size, np.float32(0))
+        w, c = view(w_addr[i], size, w_mark)[e0:e0 + ne], view(c_addr[i], size, w_mark)[e0:e0 + ne]
+        mst = view(mst_addr[i], size, np.float32(0))[e0:e0 + ne]
         g = view(g_addr[i], size, g_mark)
         mc, vc = view(m_addr[i], csize, fmark), view(v_addr[i], csize, np.uint8(0))
         ms, vs = view(ms_addr[i], rows * nb, np.float32(0)), view(vs_addr[i], rows * nb, np.float32(0))
@@ -354,16 +480,12 @@ def phase1_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
         bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], bias[i, 3]
         tid = get_thread_id()
-        e = e0
-        while e < e0 + ne:
-            n, si, base = block_at(e, length, block, nb, half, fmark)
-            off = e - e0
-            update_block(e, n, si, base, w, c, mst, g, mc, vc, ms, vs, fscratch[tid, 0, off:off + n],
-                         fscratch[tid, 1, off:off + n], fscratch[tid, 2], fscratch[tid, 3], iscratch[tid, 0],
-                         iscratch[tid, 1], seeds[i], lev, wmode, write, rescale, clip, b1, b2, omb1, omb2, eps, wd,
-                         bias1, bias2, inv1, inv2, div_mean, div_var, fmark)
-            e += n
-        partial[k, 0], partial[k, 1] = sums_of_squares(fscratch[tid, 0, :ne], fscratch[tid, 1, :ne])
+        wb, gb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
+        effective_weights(w, c, mst, wb, wmode)
+        update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, fscratch[tid, 2, :ne],
+                    fscratch[tid, 3, :ne], iscratch[tid, 0], iscratch[tid, 1], seeds[i], lev, write, rescale, clip,
+                    b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, fmark)
+        partial[k, 0], partial[k, 1] = sums_of_squares(wb, gb)
         partial[k, 2] = 0.0 if write else sum_of_squares(g[e0:e0 + ne])
 
 
@@ -372,38 +494,31 @@ def phase2_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
                         g_mark, fmark, scal, bias, flags, lev, steps, block, item_tensor, item_start, item_len,
                         fscratch, iscratch, wmode, recompute):
     """Phase 2 of the blocked formats: ``g`` from the stored codes and scales (``recompute``: phase 1's
-    block update from the old ones, writing the new), then the weights (``wmode``)."""
+    item update from the old ones, writing the new), then the weights (``wmode``)."""
     div_mean, div_var = flags[0], flags[1]
     for k in prange(item_tensor.shape[0]):
         i, e0, ne = item_tensor[k], item_start[k], item_len[k]
         size, rows, length, nb, half = geo[i, 0], geo[i, 1], geo[i, 2], geo[i, 3], geo[i, 4]
         csize = rows * half if packed(fmark) else size
-        w, c = view(w_addr[i], size, w_mark), view(c_addr[i], size, w_mark)
-        mst = view(mst_addr[i], size, np.float32(0))
+        w, c = view(w_addr[i], size, w_mark)[e0:e0 + ne], view(c_addr[i], size, w_mark)[e0:e0 + ne]
+        mst = view(mst_addr[i], size, np.float32(0))[e0:e0 + ne]
         g = view(g_addr[i], size, g_mark)
-        o = view(o_addr[i], size, w_mark)
+        o = view(o_addr[i], size, w_mark)[e0:e0 + ne]
         mc, vc = view(m_addr[i], csize, fmark), view(v_addr[i], csize, np.uint8(0))
         ms, vs = view(ms_addr[i], rows * nb, np.float32(0)), view(vs_addr[i], rows * nb, np.float32(0))
         rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
         bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], bias[i, 3]
-        inv_n, inv_k = lev[2], lev[3]
         step = cast_like(steps[i], eps)
         tid = get_thread_id()
-        e = e0
-        while e < e0 + ne:
-            n, si, base = block_at(e, length, block, nb, half, fmark)
-            wb, gb = fscratch[tid, 0, :n], fscratch[tid, 1, :n]
-            if recompute:
-                update_block(e, n, si, base, w, c, mst, g, mc, vc, ms, vs, wb, gb, fscratch[tid, 2], fscratch[tid, 3],
-                             iscratch[tid, 0], iscratch[tid, 1], seeds[i], lev, wmode, recompute, rescale, clip, b1, b2,
-                             omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, fmark)
-            else:
-                effective_weights(w, c, mst, e, n, wb, wmode)
-                a, b = ms[si], vs[si]
-                for j in range(n):
-                    gb[j] = direction(decode_mean(mean_code(mc, base, j, fmark), a, inv_n),
-                                      decode_var(var_code(vc, base, j, fmark), b, inv_k), wb[j], eps, wd, bias1,
-                                      bias2, inv1, inv2, div_mean, div_var)
-            write_weights(wb, gb, step, mst, c, o, e, n, wmode, w_mark)
-            e += n
+        wb, gb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
+        mb, vb = fscratch[tid, 2, :ne], fscratch[tid, 3, :ne]
+        effective_weights(w, c, mst, wb, wmode)
+        if recompute:
+            update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, vb, iscratch[tid, 0],
+                        iscratch[tid, 1], seeds[i], lev, True, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1,
+                        bias2, inv1, inv2, div_mean, div_var, fmark)
+        else:
+            decode_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, mb, vb, lev[2], lev[3], fmark)
+            directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+        write_weights(wb, gb, step, mst, c, o, wmode, w_mark)
