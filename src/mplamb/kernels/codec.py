@@ -44,8 +44,17 @@ Formats of the moments (``Lamb(moments=...)``)
     float64 parameters and 1-d DTensor shards (their blocks would not follow the sharding).
 
 Each step decodes the stored moments, updates them in float32, encodes them, and computes the
-update from the *decoded new codes*: the update LAMB measures for its trust ratio is exactly the
-one the stored state gives, and the one phase 2 applies.
+update from the *new codes*: the update LAMB measures for its trust ratio is exactly the one the
+stored state gives, and the one phase 2 applies.  For the blocked formats the update
+``m_hat / (sqrt(v_hat) + eps) + wd * w`` is evaluated per element as
+
+    u = ((t_m * |t_m|) * a') / ((t_v * t_v) * s' + eps) + w * wd,
+    a' = RN32(float64(a) / bias1),   s' = sqrt(RN32(b / bias2))        (once per block)
+
+with ``t_m``, ``t_v`` the codes' ``t`` above (:func:`mean_unit`, :func:`var_root_unit`): the same value
+up to rounding, since ``sqrt(((t * t) * (t * t)) * b) = (t * t) * sqrt(b)``, with the bias corrections
+and the square root taken once per block instead of once per element (``bias1 = bias2 = 1`` without
+bias correction).  The element-wise formats use the full-state update of the decoded moments.
 
 Kahan-compensated weights (``Lamb(master_weights="kahan")``)
 -------------------------------------------------------------
@@ -66,7 +75,7 @@ from ._ieee import ieee_sqrt
 
 __all__ = ["FORMATS", "BLOCKED", "MIN_QUANTIZED_NUMEL", "BLOCK", "MEAN_LEVELS", "VAR_LEVELS", "storage_format",
            "rows_and_length", "code_shape", "scale_shape", "encode_mean", "decode_mean", "encode_var", "decode_var",
-           "encode", "decode", "dither", "code_dtype", "effective_weight", "kahan_split", "state_bytes"]
+           "encode", "decode", "mean_unit", "var_root_unit", "scale_blocks", "dither", "code_dtype", "effective_weight", "kahan_split", "state_bytes"]
 
 FORMATS = ("fp32", "bf16", "8bit", "4bit")
 BLOCKED = ("8bit", "4bit")
@@ -189,16 +198,34 @@ def encode_mean(m: torch.Tensor, fmt: str) -> Tuple[torch.Tensor, Optional[torch
     return codes, scale.reshape(scale_shape(fmt, shape))
 
 
+def mean_unit(codes: torch.Tensor, fmt: str, shape: Sequence[int]) -> torch.Tensor:
+    """``t * |t|`` with ``t = q * RN(1/N)`` (float32, ``shape``): the first moment a blocked code holds,
+    in units of its block's scale."""
+    q = codes if fmt == "8bit" else _unpack(codes, shape, signed=True)
+    t = q.to(torch.float32) * torch.tensor(1.0 / MEAN_LEVELS[fmt], dtype=torch.float32)
+    return t * t.abs()
+
+
+def var_root_unit(codes: torch.Tensor, fmt: str, shape: Sequence[int]) -> torch.Tensor:
+    """``t * t`` with ``t = (q + 1) * (1/K)`` (float32, ``shape``): the *square root* of the second moment
+    a blocked code holds, in units of the square root of its block's scale."""
+    q = codes if fmt == "8bit" else _unpack(codes, shape, signed=False)
+    t = (q.to(torch.float32) + 1.0) * (1.0 / VAR_LEVELS[fmt])
+    return t * t
+
+
+def scale_blocks(x: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``x`` (float32) times the scale of each element's block."""
+    shape = x.shape
+    return _unblock(_blocks(x, shape, BLOCK[fmt]) * scales.reshape(x_shape(shape, fmt)), shape)
+
+
 def decode_mean(codes: torch.Tensor, scales: Optional[torch.Tensor], fmt: str,
                 shape: Sequence[int]) -> torch.Tensor:
-    """The first moment (float32, ``shape``) that ``codes``/``scales`` hold."""
+    """The first moment (float32, ``shape``) that ``codes``/``scales`` hold: ``(t * |t|) * a``."""
     if fmt in ("fp32", "bf16"):
         return codes.to(torch.float32)
-    n = MEAN_LEVELS[fmt]
-    q = codes if fmt == "8bit" else _unpack(codes, shape, signed=True)
-    t = q.to(torch.float32) * torch.tensor(1.0 / n, dtype=torch.float32)
-    x = _blocks(t * t.abs(), shape, BLOCK[fmt]) * scales.reshape(x_shape(shape, fmt))
-    return _unblock(x, shape)
+    return scale_blocks(mean_unit(codes, fmt, shape), scales, fmt)
 
 
 def x_shape(shape: Sequence[int], fmt: str) -> Tuple[int, int, int]:
@@ -263,15 +290,11 @@ def encode_var(v: torch.Tensor, fmt: str, seed: "int | torch.Tensor" = 0,
 
 def decode_var(codes: torch.Tensor, scales: Optional[torch.Tensor], fmt: str,
                shape: Sequence[int]) -> torch.Tensor:
-    """The second moment (float32, ``shape``) that ``codes``/``scales`` hold."""
+    """The second moment (float32, ``shape``) that ``codes``/``scales`` hold: ``((t * t) * (t * t)) * b``."""
     if fmt in ("fp32", "bf16"):
         return codes.to(torch.float32)
-    k_levels = VAR_LEVELS[fmt]
-    q = codes if fmt == "8bit" else _unpack(codes, shape, signed=False)
-    t = (q.to(torch.float32) + 1.0) * (1.0 / k_levels)
-    t2 = t * t
-    x = _blocks(t2 * t2, shape, BLOCK[fmt]) * scales.reshape(x_shape(shape, fmt))
-    return _unblock(x, shape)
+    u = var_root_unit(codes, fmt, shape)
+    return scale_blocks(u * u, scales, fmt)
 
 
 def encode(which: str, x: torch.Tensor, fmt: str, seed: "int | torch.Tensor" = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -250,8 +250,8 @@ def _lean_phase1_batch(batch: LambBatch, dry: bool) -> Phase1Result:
         partial = np.empty((ct.shape[0], 3), dtype=np.float64)
         if "geo" in p:
             KL.phase1_blocked_pass(p["w"], p["c"], p["mst"], p["g"], p["m"], p["v"], p["ms"], p["vs"], p["geo"],
-                                   p["seeds"], p["w_mark"], p["g_mark"], p["f_mark"], p["scal"], p["bias"], p["flags"],
-                                   p["lev"], p["block"], ct, cs, cl, partial, fscratch, iscratch, p["mode"], not dry)
+                                   p["seeds"], p["w_mark"], p["g_mark"], p["f_mark"], p["scal"], p["bias"], p["lev"],
+                                   p["block"], ct, cs, cl, partial, fscratch, iscratch, p["mode"], not dry)
         else:
             KL.phase1_elementwise_pass(p["w"], p["c"], p["mst"], p["g"], p["m"], p["v"], p["sizes"], p["w_mark"],
                                        p["g_mark"], p["m_mark"], p["scal"], p["bias"], p["flags"], ct, cs, cl, partial,
@@ -272,7 +272,7 @@ def _lean_phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) 
         if "geo" in p:
             KL.phase2_blocked_pass(p["w"], p["c"], p["mst"], p["g"], p["m"], p["v"], p["ms"], p["vs"], p["o"],
                                    p["geo"], p["seeds"], p["w_mark"], p["g_mark"], p["f_mark"], p["scal"], p["bias"],
-                                   p["flags"], p["lev"], st, p["block"], ct, cs, cl, fscratch, iscratch, p["mode"],
+                                   p["lev"], st, p["block"], ct, cs, cl, fscratch, iscratch, p["mode"],
                                    p1.dry)
         else:
             KL.phase2_elementwise_pass(p["w"], p["c"], p["mst"], p["g"], p["m"], p["v"], p["o"], p["sizes"],

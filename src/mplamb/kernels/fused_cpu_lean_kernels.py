@@ -13,13 +13,15 @@ repeated here.  Per element of tensor ``i`` (compute dtype float32)::
     m        = m0 * beta1 + s * (1 - beta1);    v = v0 * beta2 + (s * (1 - beta2)) * s
     a, b     = max |m|, max v over the block (NaN propagates, as torch.amax)     blocked formats
     qm, qv   = encode(m, 1/a), encode(v, 1/b, dither(j, t))                      (codec)
-    g        = direction(decode(qm, a), decode(qv, b), w)                        (the update the codes give)
+    g        = ((t_m * |t_m|) * a') / ((t_v * t_v) * s' + eps) + w * wd           (the update the codes give;
+               a' = RN32(float64(a) / bias1), s' = sqrt(RN32(b / bias2)) per block  reference.blocked_direction)
     phase 2:   new = w - step * g;  p = RN(new), c = RN(new - float32(p)) | master = new, out = RN(new) | out = RN(new)
 
 and per work item the float64 partial sums of ``w**2`` and ``g**2`` (and of ``grad**2`` in a dry
-phase 1).  ``direction`` is the reference's (:func:`.fused_cpu_kernels._direction`: the mean's bias
-correction a float64 division rounded to float32, the variance's a float32 division), with the
-bias-correction regime read at run time (one compiled loop serves every step count).
+phase 1).  The element-wise formats take the full-state ``direction`` of the rounded moments
+(:func:`.fused_cpu_kernels._direction`: the mean's bias correction a float64 division rounded to
+float32, the variance's a float32 division), with the bias-correction regime read at run time (one
+compiled loop serves every step count).
 
 Work items (``prange``) are element ranges of one tensor: for the element-wise formats ``"fp32"``
 and ``"bf16"`` chunks of :data:`CHUNK` elements, for the blocked formats ``"8bit"``/``"4bit"``
@@ -62,14 +64,14 @@ _ABS = np.uint32(0x7FFFFFFF)
 _TWO_M24 = np.float32(2.0 ** -24)
 
 # How the kernels are laid out for speed (every loop below is straight-line code over contiguous
-# float32 scratch, so LLVM vectorises it; the arithmetic per element is unchanged): a work item is
-# processed in stages, each one loop over the item or one of its blocks -- decode the old moments,
-# update them with the scales (a max over the float bits: vectorises where a float max with NaN
-# handling does not), encode + decode the new codes, then the directions in one loop per
-# bias-correction regime (the run-time flags are tested once per item, never per element), the
-# sums of squares, and the weight writes (one rounding store per loop).  The stages shared by several
-# passes are functions of their own, called once per work item: each is compiled once, not inlined
-# into every pass (compile time).
+# slices, so LLVM vectorises it; the arithmetic per element is unchanged): a work item is processed
+# in stages, each one loop over the item or one of its blocks.  Phase 1 of a block: decode the old
+# codes and update the moments with the new scales (a max over the float bits: vectorises where a
+# float max with NaN handling does not), encode the mean, encode the variance, the updates from the
+# codes; then per item the sums of squares.  Phase 2 of a block: one loop from the codes to the new
+# weight, then per item the rounding stores (one rounding store per loop).  Run-time flags are tested
+# once per item or block, never per element.  The stages shared by several passes are functions of
+# their own, called once per work item: each is compiled once, not inlined into every pass (compile time).
 
 
 # ------------------------------------------------------------------ element helpers
@@ -140,6 +142,13 @@ def reciprocal(a):
 
 
 @njit(inline="always")
+def block_factors(a, b, bias1, bias2):
+    """``(a', s')`` of a block with scales ``a``/``b``: ``RN32(float64(a) / bias1)`` and ``sqrt(RN32(b / bias2))``
+    (``bias1`` float64, ``bias2`` float32; both 1 without bias correction)."""
+    return np.float32(np.float64(a) / bias1), np.sqrt(b / bias2)
+
+
+@njit(inline="always")
 def direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var):
     """:func:`.fused_cpu_kernels._direction` with the bias-correction regime as run-time flags."""
     if div_mean:
@@ -194,31 +203,6 @@ def put_codes(codes, base, q, n, fmark):
         out = codes[base:base + n]
         for j in range(n):
             out[j] = q[j]
-
-
-@njit(inline="always")
-def decode_block(mc, vc, base, n, a, b, inv_n, inv_k, mb, vb, fmark):
-    """``mb[:n]``/``vb[:n]`` = the moments the block's codes (at ``base``) and scales ``a``/``b`` hold."""
-    if packed(fmark):
-        cm, cv = mc[base:base + (n >> 1)], vc[base:base + (n >> 1)]
-        for jj in range(n >> 1):
-            x = np.int32(cm[jj])
-            mb[2 * jj] = decode_mean(((x & np.int32(15)) ^ np.int32(8)) - np.int32(8), a, inv_n)
-            mb[2 * jj + 1] = decode_mean((((x >> np.int32(4)) & np.int32(15)) ^ np.int32(8)) - np.int32(8), a, inv_n)
-        for jj in range(n >> 1):
-            y = np.int32(cv[jj])
-            vb[2 * jj] = decode_var(y & np.int32(15), b, inv_k)
-            vb[2 * jj + 1] = decode_var((y >> np.int32(4)) & np.int32(15), b, inv_k)
-        if n & 1:
-            x = np.int32(mc[base + (n >> 1)])
-            mb[n - 1] = decode_mean(((x & np.int32(15)) ^ np.int32(8)) - np.int32(8), a, inv_n)
-            vb[n - 1] = decode_var(np.int32(vc[base + (n >> 1)]) & np.int32(15), b, inv_k)
-    else:
-        cm, cv = mc[base:base + n], vc[base:base + n]
-        for j in range(n):
-            mb[j] = decode_mean(np.int32(cm[j]), a, inv_n)
-        for j in range(n):
-            vb[j] = decode_var(np.int32(cv[j]), b, inv_k)
 
 
 @njit(cache=True, error_model="numpy")
@@ -394,23 +378,108 @@ def next_block(r, col, si, n, length):
     return r, col, si + 1
 
 
+@njit(inline="always")
+def unpack_block(codes, base, n, q, signed):
+    """``q[:n]`` = the 4-bit codes of a block (packed at ``base``; two's complement nibbles when ``signed``)."""
+    half = n >> 1
+    src = codes[base:base + half]
+    for jj in range(half):
+        x = np.int32(src[jj])
+        lo, hi = x & np.int32(15), (x >> np.int32(4)) & np.int32(15)
+        q[2 * jj] = ((lo ^ np.int32(8)) - np.int32(8)) if signed else lo
+        q[2 * jj + 1] = ((hi ^ np.int32(8)) - np.int32(8)) if signed else hi
+    if n & 1:
+        x = np.int32(codes[base + half]) & np.int32(15)
+        q[n - 1] = ((x ^ np.int32(8)) - np.int32(8)) if signed else x
+
+
+@njit(inline="always")
+def update_block(cm, cv, g, mb, vb, n, a0, b0, inv_n, inv_k, rescale, clip, b1, b2, omb1, omb2):
+    """The new moments ``mb[:n]``/``vb[:n]`` of a block from its old codes ``cm``/``cv`` (integers: 8-bit codes
+    or unpacked ones) and scales ``a0``/``b0`` and the gradients ``g``, and the block's new scales
+    ``(max |m|, max v)``.  The maxima are taken as the largest of the magnitudes' bit patterns, which order
+    like their values (NaN above inf, so NaN sticks as in ``torch.amax``; 0 for none): an integer max that
+    vectorises (``v >= 0``, so ``max |v|`` is ``max v``)."""
+    ia = np.uint32(0)
+    ib = np.uint32(0)
+    for j in range(n):
+        m, v = _moments(g[j], decode_mean(cm[j], a0, inv_n), decode_var(cv[j], b0, inv_k), rescale, clip, b1, b2,
+                        omb1, omb2)
+        mb[j] = m
+        vb[j] = v
+        um = np.uint32(_bits_from_f32(m) & _ABS)
+        uv = np.uint32(_bits_from_f32(v) & _ABS)
+        ia = um if um > ia else ia
+        ib = uv if uv > ib else ib
+    return _f32_from_bits(np.uint32(ia)), _f32_from_bits(np.uint32(ib))
+
+
+@njit(inline="always")
+def apply_block(cm, cv, n, w, c, mst, nb, am, sb, inv_n, inv_k, eps, wd, step, wmode):
+    """Phase 2 of a block up to the rounding stores, one loop per element: ``nb[j] = new = w - step * g`` with
+    ``g`` the update of the codes ``cm``/``cv`` (:func:`mplamb.kernels.reference.blocked_direction`) and ``w`` the effective weight
+    (``wmode``; a master receives ``new`` here).  ``w``/``c``/``mst``/``nb`` are the block's slices; the stores
+    are :func:`store_new`'s, once per work item."""
+    if wmode == KAHAN:
+        for j in range(n):
+            tm = np.float32(cm[j]) * inv_n
+            tv = (np.float32(cv[j]) + np.float32(1.0)) * inv_k
+            wj = load(w[j]) + load(c[j])
+            nb[j] = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
+    elif wmode == MASTER:
+        for j in range(n):
+            tm = np.float32(cm[j]) * inv_n
+            tv = (np.float32(cv[j]) + np.float32(1.0)) * inv_k
+            wj = mst[j]
+            new = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
+            nb[j] = new
+            mst[j] = new
+    else:
+        for j in range(n):
+            tm = np.float32(cm[j]) * inv_n
+            tv = (np.float32(cv[j]) + np.float32(1.0)) * inv_k
+            wj = load(w[j])
+            nb[j] = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
+
+
 @njit(cache=True, error_model="numpy")
-def decode_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, mb, vb, inv_n, inv_k, fmark):
-    """``mb[:ne]``/``vb[:ne]`` = the stored moments of elements ``e0 .. e0+ne-1`` (whole blocks)."""
+def store_new(nb, rb, c, o, wmode, w_mark):
+    """The rounding stores of phase 2 for the new weights ``nb``: ``o = RN(new)``, and with a compensation
+    ``c = RN(new - float32(o))`` (``rb``: scratch)."""
+    store_all(nb, o, w_mark)
+    if wmode == KAHAN:
+        for j in range(nb.shape[0]):
+            rb[j] = nb[j] - load(o[j])
+        store_all(rb, c, w_mark)
+
+
+@njit(cache=True, error_model="numpy")
+def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, qm, qv, inv_n, inv_k, eps, wd, bias1,
+               bias2, step, wmode, fmark):
+    """Phase 2 of the work item of elements ``e0 .. e0+ne-1`` (whole blocks) from the stored codes and scales up
+    to the rounding stores: :func:`apply_block` per block into ``new[:ne]`` (``w``/``c``/``mst``: the item's
+    slices; ``qm``/``qv``, a block, are scratch for unpacked 4-bit codes)."""
     r, col, si = first_block(e0, length, block, nb)
     e = e0
     while e < e0 + ne:
         n, base = block_at(r, col, e, length, block, half, fmark)
         off = e - e0
-        off = e - e0
-        decode_block(mc, vc, base, n, ms[si], vs[si], inv_n, inv_k, mb[off:off + n], vb[off:off + n], fmark)
+        am, sb = block_factors(ms[si], vs[si], bias1, bias2)
+        ws, cs, msts, nbs = w[off:off + n], c[off:off + n], mst[off:off + n], new[off:off + n]
+        if packed(fmark):
+            unpack_block(mc, base, n, qm, True)
+            unpack_block(vc, base, n, qv, False)
+            apply_block(qm, qv, n, ws, cs, msts, nbs, am, sb, inv_n, inv_k, eps, wd, step, wmode)
+        else:
+            apply_block(mc[base:base + n], vc[base:base + n], n, ws, cs, msts, nbs, am, sb, inv_n, inv_k, eps, wd,
+                        step, wmode)
         r, col, si = next_block(r, col, si, n, length)
         e += n
 
 
 @njit(cache=True, error_model="numpy")
 def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, vb, qm, qv, seed, lev, write,
-                rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, fmark):
+                rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, fmark):
     """Phase 1 of the work item of elements ``e0 .. e0+ne-1`` (whole blocks; the stages of the module
     docstring) block by block, given its effective weights ``wb[:ne]``: ``gb[:ne]`` receives the
     directions from the new codes; with ``write`` each block's codes and scales are overwritten once
@@ -421,52 +490,44 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     while e < e0 + ne:
         n, base = block_at(r, col, e, length, block, half, fmark)
         off = e - e0
-        mbb, vbb, gbb = mb[off:off + n], vb[off:off + n], g[e:e + n]
-        decode_block(mc, vc, base, n, ms[si], vs[si], inv_n, inv_k, mbb, vbb, fmark)
-        # max |m| and max v (0 for none; NaN sticks, as torch.amax) as the largest of the magnitudes' bit
-        # patterns, which order like their values (NaN above inf): an integer max that vectorises
-        # (v >= 0, so max |v| is max v)
-        ia = np.uint32(0)
-        ib = np.uint32(0)
-        for j in range(n):
-            m, v = _moments(gbb[j], mbb[j], vbb[j], rescale, clip, b1, b2, omb1, omb2)
-            mbb[j] = m
-            vbb[j] = v
-            um = np.uint32(_bits_from_f32(m) & _ABS)
-            uv = np.uint32(_bits_from_f32(v) & _ABS)
-            ia = um if um > ia else ia
-            ib = uv if uv > ib else ib
-        a, b = _f32_from_bits(np.uint32(ia)), _f32_from_bits(np.uint32(ib))
+        mbb, vbb, gbb, wbb, gob = mb[off:off + n], vb[off:off + n], g[e:e + n], wb[off:off + n], gb[off:off + n]
+        if packed(fmark):
+            unpack_block(mc, base, n, qm, True)
+            unpack_block(vc, base, n, qv, False)
+            a, b = update_block(qm, qv, gbb, mbb, vbb, n, ms[si], vs[si], inv_n, inv_k, rescale, clip, b1, b2,
+                                omb1, omb2)
+        else:
+            a, b = update_block(mc[base:base + n], vc[base:base + n], gbb, mbb, vbb, n, ms[si], vs[si], inv_n, inv_k,
+                                rescale, clip, b1, b2, omb1, omb2)
         ra, rb = reciprocal(a), reciprocal(b)
-        for j in range(n):
-            q = encode_mean(mbb[j], ra, n_levels)
-            qm[j] = q
-            mbb[j] = decode_mean(q, a, inv_n)
+        am, sb = block_factors(a, b, bias1, bias2)
         block_seed = seed + e  # the dither of element e + j (mod 2**32: j's 32-bit induction vectorises)
         for j in range(n):
-            q = encode_var(vbb[j], rb, k_levels, dither(j, block_seed))
-            qv[j] = q
-            vbb[j] = decode_var(q, b, inv_k)
-        if write:  # every old code of the block was read (decode_block above)
+            qm[j] = encode_mean(mbb[j], ra, n_levels)
+        for j in range(n):
+            qv[j] = encode_var(vbb[j], rb, k_levels, dither(j, block_seed))
+        for j in range(n):
+            tm = np.float32(qm[j]) * inv_n
+            tv = (np.float32(qv[j]) + np.float32(1.0)) * inv_k
+            gob[j] = ((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wbb[j] * wd
+        if write:  # every old code of the block was read (update_block above)
             put_codes(mc, base, qm, n, fmark)
             put_codes(vc, base, qv, n, fmark)
             ms[si] = a
             vs[si] = b
         r, col, si = next_block(r, col, si, n, length)
         e += n
-    directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def phase1_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_addr, vs_addr, geo, seeds, w_mark, g_mark,
-                        fmark, scal, bias, flags, lev, block, item_tensor, item_start, item_len, partial, fscratch,
+                        fmark, scal, bias, lev, block, item_tensor, item_start, item_len, partial, fscratch,
                         iscratch, wmode, write):
     """Phase 1 of the blocked formats (``fmark``: ``int8`` for 8 bits, ``uint8`` for 4) over work items of
     whole blocks, and their partial sums (see :func:`phase1_elementwise_pass`).  ``geo[i]`` = (numel,
     rows, L, blocks a row, code bytes a row (4-bit)), ``seeds[i]`` the dither's seed term of tensor
     ``i``'s step, ``lev`` = (N, K, RN(1/N), 1/K) float32, ``block`` = B.  ``fscratch[thread]``: four
     float32 rows of :data:`CHUNK`; ``iscratch[thread]``: two int32 rows of at least B."""
-    div_mean, div_var = flags[0], flags[1]
     for k in prange(item_tensor.shape[0]):
         i, e0, ne = item_tensor[k], item_start[k], item_len[k]
         size, rows, length, nb, half = geo[i, 0], geo[i, 1], geo[i, 2], geo[i, 3], geo[i, 4]
@@ -478,24 +539,23 @@ def phase1_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
         ms, vs = view(ms_addr[i], rows * nb, np.float32(0)), view(vs_addr[i], rows * nb, np.float32(0))
         rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
-        bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], bias[i, 3]
+        bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
         tid = get_thread_id()
         wb, gb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
         effective_weights(w, c, mst, wb, wmode)
         update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, fscratch[tid, 2, :ne],
                     fscratch[tid, 3, :ne], iscratch[tid, 0], iscratch[tid, 1], seeds[i], lev, write, rescale, clip,
-                    b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, fmark)
+                    b1, b2, omb1, omb2, eps, wd, bias1, bias2, fmark)
         partial[k, 0], partial[k, 1] = sums_of_squares(wb, gb)
         partial[k, 2] = 0.0 if write else sum_of_squares(g[e0:e0 + ne])
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def phase2_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_addr, vs_addr, o_addr, geo, seeds, w_mark,
-                        g_mark, fmark, scal, bias, flags, lev, steps, block, item_tensor, item_start, item_len,
+                        g_mark, fmark, scal, bias, lev, steps, block, item_tensor, item_start, item_len,
                         fscratch, iscratch, wmode, recompute):
     """Phase 2 of the blocked formats: ``g`` from the stored codes and scales (``recompute``: phase 1's
     item update from the old ones, writing the new), then the weights (``wmode``)."""
-    div_mean, div_var = flags[0], flags[1]
     for k in prange(item_tensor.shape[0]):
         i, e0, ne = item_tensor[k], item_start[k], item_len[k]
         size, rows, length, nb, half = geo[i, 0], geo[i, 1], geo[i, 2], geo[i, 3], geo[i, 4]
@@ -508,17 +568,18 @@ def phase2_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
         ms, vs = view(ms_addr[i], rows * nb, np.float32(0)), view(vs_addr[i], rows * nb, np.float32(0))
         rescale, clip, b1, b2, omb1, omb2, eps, wd = scal[i, 0], scal[i, 1], scal[i, 2], scal[i, 3], \
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
-        bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], bias[i, 3]
+        bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
         step = cast_like(steps[i], eps)
         tid = get_thread_id()
-        wb, gb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
-        mb, vb = fscratch[tid, 2, :ne], fscratch[tid, 3, :ne]
-        effective_weights(w, c, mst, wb, wmode)
         if recompute:
-            update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, vb, iscratch[tid, 0],
-                        iscratch[tid, 1], seeds[i], lev, True, rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1,
-                        bias2, inv1, inv2, div_mean, div_var, fmark)
+            wb, gb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
+            effective_weights(w, c, mst, wb, wmode)
+            update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, fscratch[tid, 2, :ne],
+                        fscratch[tid, 3, :ne], iscratch[tid, 0], iscratch[tid, 1], seeds[i], lev, True, rescale, clip,
+                        b1, b2, omb1, omb2, eps, wd, bias1, bias2, fmark)
+            write_weights(wb, gb, step, mst, c, o, wmode, w_mark)
         else:
-            decode_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, mb, vb, lev[2], lev[3], fmark)
-            directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
-        write_weights(wb, gb, step, mst, c, o, wmode, w_mark)
+            nw, rb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
+            apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, nw, iscratch[tid, 0],
+                       iscratch[tid, 1], lev[2], lev[3], eps, wd, bias1, bias2, step, wmode, fmark)
+            store_new(nw, rb, c, o, wmode, w_mark)

@@ -20,7 +20,8 @@ weights) runs the same stages around the codec (:func:`lean_update`)::
     phase 1   w          = effective weight (float32(p) + float32(c) with a compensation, else as above)
               mean, var  = moments from decode(codes), as above
               codes      = encode(mean, var)                  (var dithered by the step count)
-              g          = direction(decode(codes), w)         (the update the stored state gives)
+              g          = direction(decode(codes), w)         (the update the stored state gives; blocked
+                                                                formats: :func:`blocked_direction`)
     phase 2   new = w - step * g;  p = RN(new), c = RN(new - float32(p)) with a compensation
 
 A capturable batch (``batch.on_device``) takes its bias corrections from the device row of
@@ -43,7 +44,7 @@ from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_re
 CAPTURABLE = True  # steps batches with device scalars (batch.on_device) without a host synchronisation
 LEAN = True  # steps lean batches (moments in a codec format, Kahan-compensated weights)
 
-__all__ = ["CAPTURABLE", "LEAN", "lean_weight", "lean_update", "moments", "direction", "phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares",
+__all__ = ["CAPTURABLE", "LEAN", "lean_weight", "lean_update", "blocked_direction", "moments", "direction", "phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares",
            "grad_sum_of_squares", "lamb_step"]
 
 Scale = Union[float, torch.Tensor]
@@ -140,8 +141,9 @@ def lean_update(batch: LambBatch, i: int, w: torch.Tensor, t: Union[int, torch.T
     ``(mean codes, mean scales, var codes, var scales)`` (scales None for unblocked formats).
 
     The stored moments are decoded, updated as :func:`moments` does, encoded (the second moment
-    dithered by the step ``t``), and ``g`` is computed from the *decoded new codes* and ``w``
-    (:func:`lean_weight`): exactly the update the stored state gives."""
+    dithered by the step ``t``), and ``g`` is computed from the *new codes* and ``w``
+    (:func:`lean_weight`; blocked formats: :func:`blocked_direction`): exactly the update the stored
+    state gives."""
     fmt, shape = batch.moment_format, batch.weights[i].shape
     ms = None if batch.mean_scales is None else batch.mean_scales[i]
     vs = None if batch.var_scales is None else batch.var_scales[i]
@@ -150,9 +152,32 @@ def lean_update(batch: LambBatch, i: int, w: torch.Tensor, t: Union[int, torch.T
     m, v = moments(batch.grads[i], old_m, old_v, batch.scalars[i], w.dtype, batch.rescale)
     mq, ms = codec.encode_mean(m, fmt)
     vq, vs = codec.encode_var(v, fmt, t, batch.dither_offsets()[i])
-    g = direction(codec.decode_mean(mq, ms, fmt, shape), codec.decode_var(vq, vs, fmt, shape), w,
-                  batch.scalars[i], bias)
+    if fmt in codec.BLOCKED:
+        g = blocked_direction(mq, ms, vq, vs, fmt, w, batch.scalars[i], bias)
+    else:
+        g = direction(codec.decode_mean(mq, ms, fmt, shape), codec.decode_var(vq, vs, fmt, shape), w,
+                      batch.scalars[i], bias)
     return g, (mq, ms, vq, vs)
+
+
+def blocked_direction(mq: torch.Tensor, ms: torch.Tensor, vq: torch.Tensor, vs: torch.Tensor, fmt: str,
+                      w: torch.Tensor, sc: Phase1Scalars, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`direction` of the moments that blocked codes hold (float32, ``w``'s shape), with the bias
+    corrections and the square root applied once per block (the codec's specification)::
+
+        u = ((t_m * |t_m|) * a') / ((t_v * t_v) * s' + eps) + w * wd,
+        a' = RN32(float64(a) / bias1),   s' = sqrt(RN32(b / bias2))
+
+    ``bias``: as in :func:`direction`."""
+    a, b = ms, vs
+    if sc.bias1 is not None:
+        bias1, bias2 = (sc.bias1, sc.bias2) if bias is None else (bias[0], bias[1].to(torch.float32))
+        a = (a.to(torch.float64) / bias1).to(torch.float32)
+        b = b / bias2
+    shape = w.shape
+    num = codec.scale_blocks(codec.mean_unit(mq, fmt, shape), a, fmt)
+    den = codec.scale_blocks(codec.var_root_unit(vq, fmt, shape), ieee_sqrt(b), fmt)
+    return num / (den + sc.epsilon) + w * sc.wd
 
 
 def _lean_phase1_batch(batch: LambBatch, dry: bool) -> Phase1Result:
