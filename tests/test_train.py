@@ -110,11 +110,26 @@ def test_cli_lean_state_against_full_state(tmp_path, text_file, capsys):
     assert full["memory"]["state_bytes_per_param"] == 12.0
     assert lean["memory"]["state_bytes_per_param"] < 6.0  # small tensors (biases, norms) keep fp32 moments
     assert lean["precision"]["moments"] == "8bit" and lean["precision"]["masters"] == "Kahan-compensated"
+    if pathlib.Path("/proc/self/clear_refs").exists():  # peak = training state + the steps' measured transient
+        for run in (lean, full):
+            assert run["memory"]["peak_bytes"] >= run["memory"]["training_state_bytes"]
     text = capsys.readouterr().out
     assert "Kahan-compensated bf16 weights; 8bit moments" in text and "lamb-8bit-kahan minus lamb" in text
+    assert "| peak MB |" in text
     rc = cli.main(["train", *LEAN_ARGS, "--data", str(text_file), "--out", str(tmp_path / "x"), "--compare",
                    "full-state"])
     assert rc == 2 and "already keeps full state" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/clear_refs").exists(), reason="resident peaks need Linux's /proc")
+def test_peak_memory_sees_a_transient_allocation_and_forgets_it_on_start():
+    from mplamb._memory import PeakMemory
+    tracker = PeakMemory().start()
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, written, then freed
+    del x
+    assert tracker.extra_bytes() >= 60 * 2**20
+    tracker.start()
+    assert tracker.extra_bytes() < 60 * 2**20
 
 
 def test_lean_resume_equals_uninterrupted_bitwise(tmp_path, corpus):

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch.nn import functional as F
 
+from ._memory import PeakMemory
 from .demo.data import Corpus, load_corpus
 from .demo.model import GPTConfig, TinyGPT
 from .optimizer import Lamb
@@ -336,6 +337,12 @@ def train(cfg: TrainConfig, corpus: Corpus, out: Optional[pathlib.Path] = None, 
     in ``timed_s``; evaluations and checkpoints are not training), so compilation never passes for
     training speed.  ``wall_s`` is everything.
     """
+    device = torch.device(cfg.device)
+    # peak memory: on a GPU the allocator's peak above what was allocated before the model was built; on the
+    # CPU (resident memory, where a process's one-time allocations would swamp the model's) the training state
+    # counted from the tensors plus the largest resident growth within the steady-state training steps
+    whole_run = PeakMemory(device).start() if device.type == "cuda" else None
+    steps_only = PeakMemory(device)
     run = _Run(cfg, corpus)
     ckpt = out / f"checkpoint-{cfg.name}.pt" if out is not None else None
     if resume:
@@ -371,6 +378,8 @@ def train(cfg: TrainConfig, corpus: Corpus, out: Optional[pathlib.Path] = None, 
             dt = time.perf_counter() - t0
             if run.step - 1 == first_step:
                 h["warmup_s"] += dt
+                if whole_run is None:
+                    steps_only.start()  # after the first step's one-time set-up (warm-up, as for the timing)
             else:
                 h["timed_steps"] += 1
                 h["timed_s"] += dt
@@ -402,6 +411,14 @@ def train(cfg: TrainConfig, corpus: Corpus, out: Optional[pathlib.Path] = None, 
     h["compute_dtype"] = _short(run.compute_dtype) if run.compute_dtype is not None else None
     h["config"] = dataclasses.asdict(cfg)
     h["memory"] = run.memory()
+    if whole_run is not None:
+        extra = whole_run.extra_bytes()
+    else:
+        transient = steps_only.extra_bytes()
+        extra = None if transient is None else h["memory"]["training_state_bytes"] + transient
+    if extra is not None:  # a resumed run: the larger of its sessions' peaks
+        h["peak_bytes"] = max(extra, h.get("peak_bytes") or 0.0)
+    h["memory"]["peak_bytes"] = h.get("peak_bytes")
     h["final_state"] = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     return h
 

@@ -3,7 +3,6 @@ in one process, round-robin (every repeat times every candidate once, so machine
 shared), medians and quartiles reported."""
 from __future__ import annotations
 
-import ctypes
 import gc
 import importlib.metadata
 import os
@@ -16,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import mplamb
+from mplamb._memory import PeakMemory, trim_heap
 from mplamb.kernels import available_backends, get_backend
 
 from .isolated import MXNET, OPTAX, mxnet_python, own_process_peer_available, run_mxnet, run_optax
@@ -81,48 +81,13 @@ class Row:
         return d
 
 
-def _status_kb(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise): the next workload's
-    candidates and the own-process peers start from what this process really holds."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def peak_extra_mb(fn: Callable[[], None], device: torch.device = torch.device("cpu")) -> Optional[float]:
-    """Peak memory added while ``fn`` runs: device memory on a GPU (the caching allocator's peak),
-    resident memory on the CPU (Linux: resets VmHWM via clear_refs)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return max(0.0, (torch.cuda.max_memory_allocated(device) - before) / 2**20)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    gc.collect()
-    before = _status_kb("VmRSS")
+    """Peak memory added while ``fn`` runs (:class:`mplamb._memory.PeakMemory`: device memory on a GPU,
+    resident memory on the CPU)."""
+    tracker = PeakMemory(device).start()
     fn()
-    peak = _status_kb("VmHWM")
-    if before is None or peak is None:
-        return None
-    return max(0.0, (peak - before) / 1024.0)
+    extra = tracker.extra_bytes()
+    return None if extra is None else extra / 2**20
 
 
 def machine(device: torch.device = torch.device("cpu")) -> Dict[str, object]:
@@ -286,7 +251,7 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
                 row._tensors = len(shapes)  # type: ignore[attr-defined]
             del cands
             gc.collect()
-            _trim_heap()
+            trim_heap()
     bandwidth = {name: roof.bytes(name) / row.median for name, row in roof_rows.items()}
     roof_bw = bandwidth[ROOF[dev.type]]
     out_rows = []

@@ -98,23 +98,28 @@ def precision_text(run: dict) -> str:
 def summary_table(runs: Dict[str, dict], unigram: float) -> str:
     """The report's table, one row per optimizer, and a note on how speed is measured."""
     lines = ["| optimizer | precision | steps | tokens | final train loss | final val loss | val loss vs unigram | "
-             "optimizer state B/param | training state MB | tokens/s | warm-up s | skipped steps | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "optimizer state B/param | training state MB | peak MB | tokens/s | warm-up s | skipped steps | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
         rate = run.get("tokens_per_s")
         mem = run.get("memory") or {}
         per = mem.get("state_bytes_per_param")
         total = mem.get("training_state_bytes")
+        peak = mem.get("peak_bytes")
         lines.append(f"| {name} | {precision_text(run)} | {run['steps'][-1]} | {run['tokens'][-1]:,} | "
                      f"{run['train_loss'][-1]:.3f} | {run['val_loss'][-1]:.3f} | {run['val_loss'][-1] - unigram:+.3f} | "
                      f"{'n/a' if per is None else f'{per:.2f}'} | {'n/a' if total is None else f'{total / 1e6:.2f}'} | "
+                     f"{'n/a' if peak is None else f'{peak / 1e6:.1f}'} | "
                      f"{'n/a' if rate is None else f'{rate:.0f}'} | {run.get('warmup_s', 0.0):.1f} | "
                      f"{run['skipped_steps']} | {run['wall_s']:.1f} |")
     lines.append("")
     lines.append("tokens/s: training steps after warm-up only (no evaluation or checkpointing); warm-up s: compiling "
                  "the fused kernels ahead of training, and the first step, of each run or resume; wall s: everything. "
                  "Optimizer state B/param: moments (or their codes and scales), master weights or compensations, "
-                 "counted from the tensors; training state MB: weights, gradients and optimizer state.")
+                 "counted from the tensors; training state MB: weights, gradients and optimizer state; peak MB: on a GPU "
+                 "the allocator's peak above the memory allocated before the model was built, on the CPU the training "
+                 "state plus the largest growth of resident memory within a training step after the first "
+                 "(activations, temporaries).")
     if len(runs) > 1:
         first, *rest = list(runs)
         for other in rest:
