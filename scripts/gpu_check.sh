@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, run on a machine with a CUDA GPU (docs/gpu.md's figures come from here):
-# the GPU tests (Triton backend against the reference, capturable steps, CUDA-graph capture of a whole
-# training step, torch.compile), whole-step timings (eager, host-synchronised, graph-replayed) against
+# the GPU tests (Triton backend against the reference, its lean step, capturable steps, CUDA-graph capture of
+# a whole training step, torch.compile), whole-step timings (eager, host-synchronised, graph-replayed) against
 # fused AdamW and the copy roof, LAMB under FSDP2 CPU offload, and the main job on the GPU.
 # Writes its logs and results to $OUT (default runs/gpu); each part has its own time limit.
 #   bash scripts/gpu_check.sh
@@ -16,6 +16,9 @@ PY=${PYTHON:-python3}
   nproc; } 2>&1 | tee "$OUT/env.log"
 timeout ${TEST_S:-300} $PY -m pytest -q -p no:cacheprovider -x ${TESTS:-tests/test_cuda.py} 2>&1 | tail -40 \
   | tee "$OUT/tests.log"
+# the lean step's kernels (8-/4-bit codes, Kahan weights, capturable) compiled for the GPU, against the CPU reference
+timeout ${LEAN_TEST_S:-300} $PY -m pytest -q -p no:cacheprovider ${LEAN_TESTS:-tests/test_lean_triton.py} 2>&1 \
+  | tail -40 | tee "$OUT/lean_tests.log"
 timeout ${STEP_S:-150} $PY benchmarks/gpu_step.py --out "$OUT" 2>&1 | tail -30 | tee "$OUT/gpu_step.log"
 timeout ${OFFLOAD_S:-150} $PY benchmarks/cpu_offload.py --out "$OUT/cpu_offload.json" 2>&1 | tail -12 \
   | tee "$OUT/cpu_offload.log"

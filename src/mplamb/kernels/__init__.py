@@ -13,6 +13,9 @@ A backend is a module with
   the returned callable runs (the Triton backend; see :func:`.contract.plan_phase1`);
 * optionally ``CAPTURABLE = True``: it steps capturable batches (``batch.on_device``: step counts,
   lr and the skip flag in device tensors) without any host synchronisation (reference, triton);
+* optionally ``LEAN = True``: it steps lean batches (``batch.lean``: moments in a :mod:`.codec`
+  format, Kahan-compensated weights) bit-identically to the reference (reference, fused_cpu, triton);
+  the optimizer gives lean groups to no other backend;
 * optionally ``supports_device(device) -> bool`` and ``AVAILABLE`` (False when an optional
   dependency such as numba or Triton is missing).
 

@@ -15,6 +15,10 @@ capture the step.  No host synchronisation: partial sums are reduced on the devi
 read by the kernels from device memory.  float32 compute only: partitions of float64 tensors and of
 half-precision moments are delegated to the reference backend.  Runs on CUDA; on CPU only
 under ``TRITON_INTERPRET=1`` (the tests).
+
+Lean batches (``batch.lean``: moments in a :mod:`.codec` format, Kahan-compensated weights) are
+stepped by :mod:`.triton_lean` (kernels in :mod:`.triton_lean_kernels`), bit-identical to the
+reference's lean step, with the same table residency, capturable scalars and delegation.
 """
 from __future__ import annotations
 
@@ -43,9 +47,10 @@ except ImportError:  # triton is optional (extra "gpu")
     AVAILABLE = False
 
 CAPTURABLE = True  # steps batches with device scalars (batch.on_device) without a host synchronisation
+LEAN = True  # steps lean batches (codec-format moments, Kahan-compensated weights) bit-identically: triton_lean
 
-__all__ = ["AVAILABLE", "CAPTURABLE", "supports_device", "phase1_batch", "plan_phase1", "phase2_batch", "lamb_step",
-           "grad_sum_of_squares"]
+__all__ = ["AVAILABLE", "CAPTURABLE", "LEAN", "supports_device", "phase1_batch", "plan_phase1", "phase2_batch",
+           "lamb_step", "grad_sum_of_squares"]
 
 BLOCK = 1024  # elements per program (H200 sweep: benchmarks/gpu_kernels.py)
 NUM_WARPS = 4
@@ -177,7 +182,12 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
 def plan_phase1(batch: LambBatch, dry: bool = False) -> Callable[[], Phase1Result]:
     """Phase 1 prepared: every partition's addresses and scalar rows gathered and uploaded now (the
     per-tensor host work); the returned callable launches the kernels (and steps the partitions
-    delegated to the reference).  Nothing the step writes is touched before it runs."""
+    delegated to the reference).  Nothing the step writes is touched before it runs.  Lean batches:
+    :func:`.triton_lean.plan_phase1`."""
+    if batch.lean:
+        from . import triton_lean
+
+        return triton_lean.plan_phase1(batch, dry=dry)
     n = len(batch.weights)
     rows = 3 if dry else 2
     if n == 0:
@@ -270,6 +280,10 @@ class _Delegated:
 
 def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
     """Phase 2 of every tensor (one launch per partition), then staged tensors copied back."""
+    if batch.lean:
+        from . import triton_lean
+
+        return triton_lean.phase2_batch(batch, p1, steps)
     if not p1.carry:
         return None
     launches, stage, rescale, dev = p1.carry
@@ -295,7 +309,7 @@ def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> Non
                 if not isinstance(launch, _Delegated) and launch.idx:  # (delegated ones advanced their own)
                     k = len(launch.idx)
                     K.advance_steps_kernel[(triton.cdiv(k, STEP_BLOCK),)](launch.table, dev[2], k, BLOCK=STEP_BLOCK,
-                                                                          **_options())
+                                                                          STRIDE=6, COL=5, **_options())
     stage.finish()
     return None
 

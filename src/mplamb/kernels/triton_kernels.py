@@ -65,12 +65,30 @@ def _load(ptr, offs, mask, KIND: tl.constexpr):
 
 
 @triton.jit
+def _bf16_bits(value):
+    """The bfloat16 bit pattern (low 16 bits of a uint32) of float32 ``value`` rounded to nearest even
+    (NaN: the canonical quiet NaN 0x7FC0, as torch)."""
+    u = value.to(tl.uint32, bitcast=True)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded)
+
+
+@triton.jit
+def _round(value, KIND: tl.constexpr):
+    """float32 ``value`` rounded to storage ``KIND`` and widened back: the float32 value that
+    :func:`_store` of ``value`` leaves in memory."""
+    if KIND == 1:
+        return (_bf16_bits(value) << 16).to(tl.float32, bitcast=True)
+    elif KIND == 2:
+        return value.to(tl.float16).to(tl.float32)
+    else:
+        return value
+
+
+@triton.jit
 def _store(ptr, offs, mask, value, KIND: tl.constexpr):
     if KIND == 1:
-        u = value.to(tl.uint32, bitcast=True)
-        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        bits = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded)
-        tl.store(ptr + offs, bits.to(tl.int32).to(tl.int16), mask=mask)
+        tl.store(ptr + offs, _bf16_bits(value).to(tl.int32).to(tl.int16), mask=mask)
     else:
         tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
 
@@ -133,10 +151,9 @@ def _direction(m, v, w, num_ptr, scal_at, bias_row, t):
 
 
 @triton.jit
-def _moments(g_ptr, m_ptr, v_ptr, num_ptr, scal_at, t, rescale_ptr, offs, mask, G_KIND: tl.constexpr,
-             RESCALE_FROM_PTR: tl.constexpr):
-    """The new (mean, var) of a block from its raw gradient."""
-    row = num_ptr + scal_at + 8 * t
+def _new_moments(grad, m0, v0, row, rescale_ptr, RESCALE_FROM_PTR: tl.constexpr):
+    """The new (mean, var) from the widened gradient and the old moments (float32), with the
+    scalar row ``row`` = (rescale, clip, beta1, beta2, 1-beta1, 1-beta2, ...)."""
     if RESCALE_FROM_PTR:
         rescale = tl.load(rescale_ptr).to(tl.float32)
     else:
@@ -146,13 +163,22 @@ def _moments(g_ptr, m_ptr, v_ptr, num_ptr, scal_at, t, rescale_ptr, offs, mask, 
     b2 = tl.load(row + 3).to(tl.float32)
     omb1 = tl.load(row + 4).to(tl.float32)
     omb2 = tl.load(row + 5).to(tl.float32)
-    s = _load(g_ptr, offs, mask, G_KIND) * rescale
+    s = grad * rescale
     if clip > 0:
         s = tl.where(s > clip, clip, s)
         s = tl.where(s < -clip, -clip, s)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0) * b1 + s * omb1
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0) * b2 + (s * omb2) * s
+    m = m0 * b1 + s * omb1
+    v = v0 * b2 + (s * omb2) * s
     return m, v
+
+
+@triton.jit
+def _moments(g_ptr, m_ptr, v_ptr, num_ptr, scal_at, t, rescale_ptr, offs, mask, G_KIND: tl.constexpr,
+             RESCALE_FROM_PTR: tl.constexpr):
+    """The new (mean, var) of a block from its raw gradient."""
+    return _new_moments(_load(g_ptr, offs, mask, G_KIND), tl.load(m_ptr + offs, mask=mask, other=0.0),
+                        tl.load(v_ptr + offs, mask=mask, other=0.0), num_ptr + scal_at + 8 * t, rescale_ptr,
+                        RESCALE_FROM_PTR)
 
 
 @triton.jit
@@ -218,11 +244,13 @@ def phase2_kernel(addr_ptr, num_ptr, scal_at, bias_at, tid_ptr, first_ptr, size_
 
 
 @triton.jit
-def advance_steps_kernel(addr_ptr, skip_ptr, n, BLOCK: tl.constexpr):
-    """Every tensor's step count (address in column 5) plus one, unless the skip flag is set."""
+def advance_steps_kernel(addr_ptr, skip_ptr, n, BLOCK: tl.constexpr, STRIDE: tl.constexpr, COL: tl.constexpr):
+    """Every tensor's step count plus one, unless the skip flag is set (the count's address is column
+    ``COL`` of rows of ``STRIDE`` in the table: 5 of :data:`ADDR_COLS` here, another place in the lean
+    step's table)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
-    counts = tl.load(addr_ptr + 6 * i + 5, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    counts = tl.load(addr_ptr + STRIDE * i + COL, mask=mask, other=0).to(tl.pointer_type(tl.float32))
     add = (tl.load(skip_ptr) == 0).to(tl.float32)
     tl.store(counts, tl.load(counts, mask=mask) + add, mask=mask)
 
