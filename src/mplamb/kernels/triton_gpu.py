@@ -188,6 +188,28 @@ def plan_phase1(batch: LambBatch, dry: bool = False) -> Callable[[], Phase1Resul
         from . import triton_lean
 
         return triton_lean.plan_phase1(batch, dry=dry)
+    return planned_phase1(batch, dry, partition(batch), _delegated, _launch, _run_phase1)
+
+
+def _run_phase1(launch: "_Launch", rescale: Optional[torch.Tensor], dev: Optional[tuple], dry: bool) -> torch.Tensor:
+    """Phase 1's kernel over ``launch``'s blocks; its per-block partial sums."""
+    partial = torch.empty(max(launch.nblocks, 1), 3, dtype=torch.float64, device=launch.table.device)
+    if launch.nblocks:
+        K.phase1_kernel[(launch.nblocks,)](
+            *launch.args(), launch.table if rescale is None else rescale, partial,
+            *(dev or (launch.table, 0, launch.table)),
+            W_KIND=launch.kinds[0], G_KIND=launch.kinds[1], RESCALE_FROM_PTR=rescale is not None,
+            WRITE=not dry, DEVICE_T=dev is not None, SKIP_FROM_PTR=dev is not None, BLOCK=BLOCK, **_options())
+    return partial
+
+
+def planned_phase1(batch: LambBatch, dry: bool, parts: dict, delegated: Callable[[tuple], bool],
+                   prepare: Callable, run_kernel: Callable) -> Callable[[], Phase1Result]:
+    """The skeleton of a prepared phase 1 shared by the full-state and the lean launches: for each partition
+    ``key -> idx`` of ``parts``, either the sub-batch the reference steps (``delegated(key)``) or the launch
+    ``prepare(batch, key, idx, stage, noted, device)`` made now; the returned callable runs them
+    (``run_kernel(launch, rescale, dev, dry)`` launches one and returns its per-program partial sums, which
+    are reduced per tensor on the device) and gathers the local squared norms."""
     n = len(batch.weights)
     rows = 3 if dry else 2
     if n == 0:
@@ -196,11 +218,10 @@ def plan_phase1(batch: LambBatch, dry: bool = False) -> Callable[[], Phase1Resul
     stage = Staging()
     noted = noted_gradient_addresses(batch)
     rescale = batch.rescale.to(device=device, dtype=torch.float32) if batch.rescale is not None else None
-    parts = partition(batch)
     dev = _device_args(batch)
     with _on(device):
-        prepared = [(idx, batch if len(parts) == 1 else batch.select(idx)) if _delegated(part)
-                    else (idx, _launch(batch, part, idx, stage, noted, device)) for part, idx in parts.items()]
+        prepared = [(idx, batch if len(parts) == 1 else batch.select(idx)) if delegated(key)
+                    else (idx, prepare(batch, key, idx, stage, noted, device)) for key, idx in parts.items()]
 
     def run() -> Phase1Result:
         launches = []
@@ -212,15 +233,7 @@ def plan_phase1(batch: LambBatch, dry: bool = False) -> Callable[[], Phase1Resul
                     part_sumsq = launch.p1.sumsq
                 else:
                     launch = item
-                    partial = torch.empty(max(launch.nblocks, 1), 3, dtype=torch.float64, device=device)
-                    if launch.nblocks:
-                        K.phase1_kernel[(launch.nblocks,)](
-                            *launch.args(), launch.table if rescale is None else rescale, partial,
-                            *(dev or (launch.table, 0, launch.table)),
-                            W_KIND=launch.kinds[0], G_KIND=launch.kinds[1], RESCALE_FROM_PTR=rescale is not None,
-                            WRITE=not dry, DEVICE_T=dev is not None, SKIP_FROM_PTR=dev is not None, BLOCK=BLOCK,
-                            **_options())
-                    part_sumsq = _sum_blocks(partial, launch.first, len(idx), rows)
+                    part_sumsq = _sum_blocks(run_kernel(launch, rescale, dev, dry), launch.first, len(idx), rows)
                 if len(prepared) == 1:
                     sumsq = part_sumsq
                 else:

@@ -35,7 +35,7 @@ from ._plan import addresses, noted_gradient_addresses, owned_addresses, scalar_
 from ._staging import Staging
 from .contract import LambBatch, Phase1Result
 from .triton_gpu import (STEP_BLOCK, _Delegated, _device_args, _device_blocks, _graph_safe, _KIND, _on, _options,
-                         _resident, _sum_blocks, _upload)
+                         _resident, _sum_blocks, _upload, planned_phase1)
 
 __all__ = ["plan_phase1", "phase1_batch", "phase2_batch"]
 
@@ -181,49 +181,20 @@ def phase1_batch(batch: LambBatch, dry: bool = False) -> Phase1Result:
 def plan_phase1(batch: LambBatch, dry: bool = False) -> Callable[[], Phase1Result]:
     """Phase 1 of a lean batch prepared (see :func:`.triton_gpu.plan_phase1`): tables gathered and uploaded
     now, kernels launched (and delegated partitions stepped by the reference) by the returned callable."""
-    n = len(batch.weights)
-    rows = 3 if dry else 2
-    if n == 0:
-        return lambda: Phase1Result(torch.zeros(rows, 0, dtype=torch.float64), [], dry=dry)
-    device = batch.weights[0].device
-    stage = Staging()
-    noted = noted_gradient_addresses(batch)
-    rescale = batch.rescale.to(device=device, dtype=torch.float32) if batch.rescale is not None else None
-    parts = _partition(batch)
-    dev = _device_args(batch)
-    with _on(device):
-        prepared = [(idx, batch if len(parts) == 1 else batch.select(idx)) if key == ("reference",)
-                    else (idx, _launch(batch, key, idx, stage, noted, device)) for key, idx in parts.items()]
+    return planned_phase1(batch, dry, _partition(batch), lambda key: key == ("reference",), _launch, _run_phase1)
 
-    def run() -> Phase1Result:
-        launches = []
-        sumsq = None
-        with _on(device):
-            for idx, item in prepared:
-                if isinstance(item, LambBatch):
-                    launch = _Delegated(idx, item, reference.phase1_batch(item, dry=dry))
-                    part_sumsq = launch.p1.sumsq
-                else:
-                    launch = item
-                    partial = torch.empty(max(launch.nprog, 1), 3, dtype=torch.float64, device=device)
-                    if launch.nprog:
-                        kernel = KL.phase1_blocked_kernel if launch.blocked else KL.phase1_elementwise_kernel
-                        kernel[(launch.nprog,)](
-                            *launch.args(), launch.table if rescale is None else rescale, partial,
-                            *(dev or (launch.table, 0, launch.table)), *launch.levels,
-                            RESCALE_FROM_PTR=rescale is not None, WRITE=not dry, DEVICE_T=dev is not None,
-                            SKIP_FROM_PTR=dev is not None, **launch.meta, **_options())
-                    part_sumsq = _sum_blocks(partial, launch.first, len(idx), rows)
-                if len(prepared) == 1:
-                    sumsq = part_sumsq
-                else:
-                    if sumsq is None:
-                        sumsq = torch.empty(rows, n, dtype=torch.float64, device=device)
-                    sumsq[:, torch.as_tensor(idx, device=device)] = part_sumsq
-                launches.append(launch)
-        return Phase1Result(sumsq=sumsq, carry=(launches, stage, rescale, dev), dry=dry)
 
-    return run
+def _run_phase1(launch: _LeanLaunch, rescale: Optional[torch.Tensor], dev: Optional[tuple], dry: bool) -> torch.Tensor:
+    """Phase 1's kernel over ``launch``'s programs; their partial sums."""
+    partial = torch.empty(max(launch.nprog, 1), 3, dtype=torch.float64, device=launch.table.device)
+    if launch.nprog:
+        kernel = KL.phase1_blocked_kernel if launch.blocked else KL.phase1_elementwise_kernel
+        kernel[(launch.nprog,)](
+            *launch.args(), launch.table if rescale is None else rescale, partial,
+            *(dev or (launch.table, 0, launch.table)), *launch.levels,
+            RESCALE_FROM_PTR=rescale is not None, WRITE=not dry, DEVICE_T=dev is not None,
+            SKIP_FROM_PTR=dev is not None, **launch.meta, **_options())
+    return partial
 
 
 def phase2_batch(batch: LambBatch, p1: Phase1Result, steps: torch.Tensor) -> None:
