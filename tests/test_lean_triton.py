@@ -21,7 +21,7 @@ import mplamb
 from mplamb._scalars import bias_table, phase1_scalars
 from mplamb.kernels import codec, reference
 from mplamb.kernels.contract import DeviceScalars, LambBatch, finish_norms, local_reducer
-from test_lean_fused import BF16, F16, F32, WEIGHTS, assert_bitwise, make, snapshot
+from test_lean_fused import BF16, F16, F32, HYPER, WEIGHTS, assert_bitwise, make, snapshot
 
 try:
     from mplamb.kernels import triton_gpu, triton_lean
@@ -175,10 +175,6 @@ def test_gradients_of_another_dtype(fmt):
 def test_several_steps_evolve_the_codes_identically():
     check("4bit", BF16, "kahan", [(9, 257), (3, 5, 60)], steps=3)
     check("8bit", F16, "master", [(4097,)], steps=3, dry=True)
-
-
-HYPER = [{"clip_gradient": 0.5}, {"rescale_tensor": 0.37}, {"rescale_grad": 2.0, "clip_gradient": 1.0},
-         {"bias_correction": False}, {"wd": 0.0}]
 
 
 @pytest.mark.parametrize("hp", HYPER, ids=lambda h: ",".join(h))

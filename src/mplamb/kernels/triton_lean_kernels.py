@@ -286,6 +286,18 @@ def _put_codes(addr_ptr, row, qm, qv, e, keep, byte, byte_keep, shift, PACKED: t
 
 
 @triton.jit
+def _put_state(addr_ptr, row, qm, qv, a, b, bi, bmask, e, emask, byte, byte_mask, shift, skip_ptr,
+               PACKED: tl.constexpr, SKIP_FROM_PTR: tl.constexpr):
+    """Store the tile's new codes (:func:`_put_codes`) and block scales ``a``/``b``, unless the device skip flag
+    is set."""
+    _put_codes(addr_ptr, row, qm, qv, e, _keep(skip_ptr, emask, SKIP_FROM_PTR), byte,
+               _keep(skip_ptr, byte_mask, SKIP_FROM_PTR), shift, PACKED)
+    keep_b = _keep(skip_ptr, bmask, SKIP_FROM_PTR)
+    tl.store(_pointer(addr_ptr + row + A_MS, 0) + bi, a, mask=keep_b)
+    tl.store(_pointer(addr_ptr + row + A_VS, 0) + bi, b, mask=keep_b)
+
+
+@triton.jit
 def _block_max(x):
     """``max |x|`` per block (``[NBLK]``) as the largest magnitude bit pattern (they order like the values; NaN
     above inf, so a NaN sticks as in ``torch.amax``); masked elements must hold 0."""
@@ -366,11 +378,8 @@ def phase1_blocked_kernel(addr_ptr, num_ptr, tid_ptr, first_ptr, rescale_ptr, pa
     qm, qv, a, b = _blocked_update(addr_ptr, num_ptr, row, bi, bmask, e, emask, byte, byte_mask, shift, rescale_ptr,
                                    seed, inv_n, inv_k, n_levels, k_levels, G_KIND, PACKED, RESCALE_FROM_PTR)
     if WRITE:
-        _put_codes(addr_ptr, row, qm, qv, e, _keep(skip_ptr, emask, SKIP_FROM_PTR), byte,
-                   _keep(skip_ptr, byte_mask, SKIP_FROM_PTR), shift, PACKED)
-        keep_b = _keep(skip_ptr, bmask, SKIP_FROM_PTR)
-        tl.store(_pointer(addr_ptr + row + A_MS, 0) + bi, a, mask=keep_b)
-        tl.store(_pointer(addr_ptr + row + A_VS, 0) + bi, b, mask=keep_b)
+        _put_state(addr_ptr, row, qm, qv, a, b, bi, bmask, e, emask, byte, byte_mask, shift, skip_ptr, PACKED,
+                   SKIP_FROM_PTR)
         tl.store(partial_ptr + 3 * pid + 2, 0.0)
     else:
         grad = _load(_pointer(addr_ptr + row + A_G, G_KIND), e, emask, G_KIND)
@@ -400,10 +409,8 @@ def phase2_blocked_kernel(addr_ptr, num_ptr, tid_ptr, first_ptr, rescale_ptr, st
         qm, qv, a, b = _blocked_update(addr_ptr, num_ptr, row, bi, bmask, e, emask, byte, byte_mask, shift,
                                        rescale_ptr, seed, inv_n, inv_k, n_levels, k_levels, G_KIND, PACKED,
                                        RESCALE_FROM_PTR)
-        _put_codes(addr_ptr, row, qm, qv, e, keep, byte, _keep(skip_ptr, byte_mask, SKIP_FROM_PTR), shift, PACKED)
-        keep_b = _keep(skip_ptr, bmask, SKIP_FROM_PTR)
-        tl.store(_pointer(addr_ptr + row + A_MS, 0) + bi, a, mask=keep_b)
-        tl.store(_pointer(addr_ptr + row + A_VS, 0) + bi, b, mask=keep_b)
+        _put_state(addr_ptr, row, qm, qv, a, b, bi, bmask, e, emask, byte, byte_mask, shift, skip_ptr, PACKED,
+                   SKIP_FROM_PTR)
     else:
         qm, qv = _codes(addr_ptr, row, e, emask, byte, byte_mask, shift, PACKED)
         a = tl.load(_pointer(addr_ptr + row + A_MS, 0) + bi, mask=bmask, other=0.0)
