@@ -115,6 +115,26 @@ def f16_store_hw(typingctx, x):
     return types.int16(types.float32), codegen
 
 
+@intrinsic
+def wide_vectors(typingctx):
+    """Lets LLVM vectorise the calling function with 512-bit registers where the CPU has them (AVX-512).
+
+    Adds the function attributes ``"prefer-vector-width"="512"`` and ``"min-legal-vector-width"="512"``
+    to the function being compiled.  LLVM's default on AVX-512 CPUs is 256-bit vectors (a
+    process-wide tuning that numba inherits); per function, the wider vectors halve the
+    instructions of a loop.  Only the width changes, not the operations: every IEEE operation
+    is rounded as before and FMA contraction stays off, so results are unchanged.  CPUs without
+    AVX-512 ignore the attributes.  (llvmlite's attribute set accepts only flag attributes; the
+    string attributes are added to it as the textual IR spells them.)"""
+    def codegen(context, builder, signature, args):
+        attributes = builder.function.attributes
+        for attribute in ('"prefer-vector-width"="512"', '"min-legal-vector-width"="512"'):
+            set.add(attributes, attribute)
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
 @njit(inline="always")
 def view(address, size, marker):
     """The ``size`` elements at ``address`` as a 1-d array of ``marker``'s type."""
@@ -305,6 +325,7 @@ def sum_of_squares(x):
     """float64 ``sum(x**2)`` of one chunk.  Only this reduction may be reassociated (and so
     vectorised); the sum order is fixed by the compiled code, so results are deterministic.
     No ``nnan``/``ninf`` flags: NaN and inf propagate, which the non-finite check relies on."""
+    wide_vectors()
     acc = 0.0
     for j in range(x.shape[0]):
         v = np.float64(load(x[j]))
@@ -316,6 +337,7 @@ def sum_of_squares(x):
 def sums_of_squares(x, y):
     """:func:`sum_of_squares` of two arrays of one length in one loop (measured 10% faster per
     phase 1 than two loops: one loop's overhead, twice the independent work per iteration)."""
+    wide_vectors()
     acc_x = 0.0
     acc_y = 0.0
     for j in range(x.shape[0]):

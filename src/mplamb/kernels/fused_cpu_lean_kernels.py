@@ -50,7 +50,7 @@ from numba.extending import intrinsic, overload
 
 from .fused_cpu_kernels import (BIAS_BOTH, BIAS_NONE, BIAS_VAR, CHUNK, _bits_from_f32, _direction, _f32_from_bits,
                                 _moments, cast_like, divide_by_constant, divide_in_float64, load, store,
-                                sum_of_squares, sums_of_squares, view)
+                                sum_of_squares, sums_of_squares, view, wide_vectors)
 
 __all__ = ["CHUNK", "PLAIN", "MASTER", "KAHAN", "phase1_elementwise_pass", "phase2_elementwise_pass",
            "phase1_blocked_pass", "phase2_blocked_pass"]
@@ -160,21 +160,23 @@ def direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var):
 
 @njit(cache=True, error_model="numpy")
 def directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var):
-    """``gb[j] = direction(mb[j], vb[j], wb[j])``: the regime is tested once, each case a loop of its own
-    with the regime a compile-time constant (:func:`.fused_cpu_kernels._direction`)."""
+    """``gb[j] = direction(load(mb[j]), load(vb[j]), wb[j])`` (``mb``/``vb``: float32 scratch or the stored
+    moments): the regime is tested once, each case a loop of its own with the regime a compile-time
+    constant (:func:`.fused_cpu_kernels._direction`)."""
+    wide_vectors()
     n = gb.shape[0]
     if div_mean and div_var:
         for j in range(n):
-            gb[j] = _direction(mb[j], vb[j], wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_BOTH)
+            gb[j] = _direction(load(mb[j]), load(vb[j]), wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_BOTH)
     elif div_var and not div_mean:
         for j in range(n):
-            gb[j] = _direction(mb[j], vb[j], wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_VAR)
+            gb[j] = _direction(load(mb[j]), load(vb[j]), wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_VAR)
     elif not div_var and not div_mean:
         for j in range(n):
-            gb[j] = _direction(mb[j], vb[j], wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_NONE)
+            gb[j] = _direction(load(mb[j]), load(vb[j]), wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_NONE)
     else:  # the mean divided, the var not: no launcher asks for it
         for j in range(n):
-            gb[j] = direction(mb[j], vb[j], wb[j], eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+            gb[j] = direction(load(mb[j]), load(vb[j]), wb[j], eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
 
 
 def packed(fmark):  # pragma: no cover - replaced by the overload below inside numba
@@ -209,6 +211,7 @@ def put_codes(codes, base, q, n, fmark):
 def effective_weights(w, c, mst, out, wmode):
     """``out`` = the effective weights (``wmode``) of the slices ``w``/``c``/``mst``: ``float32(p) +
     float32(c)`` with a compensation, the master, or the weight widened."""
+    wide_vectors()
     n = out.shape[0]
     if wmode == KAHAN:
         for j in range(n):
@@ -227,6 +230,7 @@ def store_all(x, out, mark):
     its own, called once per work item: numba's IR inliner mishandles several inlined copies of the
     bfloat16 store in one function (``NumbaIRAssumptionWarning``), and one copy a loop still lets
     LLVM vectorise it."""
+    wide_vectors()
     for j in range(x.shape[0]):
         out[j] = store(x[j], mark)
 
@@ -234,22 +238,31 @@ def store_all(x, out, mark):
 @njit(cache=True, error_model="numpy")
 def round_all(x, mark):
     """``x[j] = float32(RN(x[j]))``: ``x`` rounded to ``mark``'s format in place (see :func:`store_all`)."""
+    wide_vectors()
     for j in range(x.shape[0]):
         x[j] = load(store(x[j], mark))
 
 
 @njit(cache=True, error_model="numpy")
+def store_compensation(new, o, c, mark):
+    """``c[j] = RN(new[j] - float32(o[j]))`` in ``mark``'s format: the Kahan compensation of the new weights
+    ``new`` once their rounding ``o`` is stored (one rounding store, see :func:`store_all`)."""
+    wide_vectors()
+    for j in range(new.shape[0]):
+        c[j] = store(new[j] - load(o[j]), mark)
+
+
+@njit(cache=True, error_model="numpy")
 def write_weights(wb, gb, step, mst, c, o, wmode, w_mark):
     """Phase 2's writes into the slices ``mst``/``c``/``o``: ``new = wb - step * gb`` stored as ``wmode``
-    says (``wb``/``gb`` are overwritten: Kahan keeps ``new`` in ``wb`` and ``new - float32(p)`` in ``gb``)."""
+    says (``wb``/``gb`` are overwritten: Kahan and plain keep ``new`` in ``wb``)."""
+    wide_vectors()
     n = wb.shape[0]
     if wmode == KAHAN:
         for j in range(n):
             wb[j] = wb[j] - step * gb[j]
         store_all(wb, o, w_mark)
-        for j in range(n):
-            gb[j] = wb[j] - load(o[j])
-        store_all(gb, c, w_mark)
+        store_compensation(wb, o, c, w_mark)
     elif wmode == MASTER:
         for j in range(n):
             mst[j] = wb[j] - step * gb[j]
@@ -262,28 +275,27 @@ def write_weights(wb, gb, step, mst, c, o, wmode, w_mark):
 
 # ------------------------------------------------------------------ element-wise formats ("fp32", "bf16")
 
-@njit(inline="always")
-def round_moment(x, codes, m_mark, write):
-    """``x`` rounded to the format in place (and stored into ``codes`` when ``write``: the rounded value
-    rounds to itself)."""
-    round_all(x, m_mark)
-    if write:
-        store_all(x, codes, m_mark)
-
-
 @njit(cache=True, error_model="numpy")
 def update_elements(g, mean, var, wb, gb, mb, vb, m_mark, write, rescale, clip, b1, b2, omb1, omb2, eps, wd,
                     bias1, bias2, inv1, inv2, div_mean, div_var):
     """One chunk of the element-wise formats (slices ``g``/``mean``/``var``): ``gb`` = the directions from
-    the new moments rounded to the format (written when ``write``), ``wb`` the effective weights."""
+    the new moments rounded to the format, ``wb`` the effective weights.  With ``write`` the rounded
+    moments are stored and the directions read back from the storage; dry, they are rounded in place
+    in the scratch ``mb``/``vb``."""
+    wide_vectors()
     n = wb.shape[0]
     for j in range(n):
         m, v = _moments(g[j], load(mean[j]), load(var[j]), rescale, clip, b1, b2, omb1, omb2)
         mb[j] = m
         vb[j] = v
-    round_moment(mb, mean, m_mark, write)
-    round_moment(vb, var, m_mark, write)
-    directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+    if write:
+        store_all(mb, mean, m_mark)
+        store_all(vb, var, m_mark)
+        directions(mean, var, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+    else:
+        round_all(mb, m_mark)
+        round_all(vb, m_mark)
+        directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -297,6 +309,7 @@ def phase1_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, si
     ``scratch[thread]``: four float32 rows of :data:`CHUNK`."""
     div_mean, div_var = flags[0], flags[1]
     for k in prange(chunk_tensor.shape[0]):
+        wide_vectors()
         i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
         size = sizes[i]
         w, c = view(w_addr[i], size, w_mark)[s0:s0 + n], view(c_addr[i], size, w_mark)[s0:s0 + n]
@@ -323,6 +336,7 @@ def phase2_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, o_
     the old ones, as phase 1 does, and the new ones written), then the weights (``wmode``)."""
     div_mean, div_var = flags[0], flags[1]
     for k in prange(chunk_tensor.shape[0]):
+        wide_vectors()
         i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
         size = sizes[i]
         w, c = view(w_addr[i], size, w_mark)[s0:s0 + n], view(c_addr[i], size, w_mark)[s0:s0 + n]
@@ -341,11 +355,7 @@ def phase2_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, o_
             update_elements(g, mean, var, wb, gb, mb, vb, m_mark, True, rescale, clip, b1, b2, omb1, omb2, eps, wd,
                             bias1, bias2, inv1, inv2, div_mean, div_var)
         else:
-            for j in range(n):
-                mb[j] = load(mean[j])
-            for j in range(n):
-                vb[j] = load(var[j])
-            directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+            directions(mean, var, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
         write_weights(wb, gb, step, mst, c, o, wmode, w_mark)
 
 
@@ -443,14 +453,13 @@ def apply_block(cm, cv, n, w, c, mst, nb, am, sb, inv_n, inv_k, eps, wd, step, w
 
 
 @njit(cache=True, error_model="numpy")
-def store_new(nb, rb, c, o, wmode, w_mark):
+def store_new(nb, c, o, wmode, w_mark):
     """The rounding stores of phase 2 for the new weights ``nb``: ``o = RN(new)``, and with a compensation
-    ``c = RN(new - float32(o))`` (``rb``: scratch)."""
+    ``c = RN(new - float32(o))``."""
+    wide_vectors()
     store_all(nb, o, w_mark)
     if wmode == KAHAN:
-        for j in range(nb.shape[0]):
-            rb[j] = nb[j] - load(o[j])
-        store_all(rb, c, w_mark)
+        store_compensation(nb, o, c, w_mark)
 
 
 @njit(cache=True, error_model="numpy")
@@ -459,6 +468,7 @@ def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, 
     """Phase 2 of the work item of elements ``e0 .. e0+ne-1`` (whole blocks) from the stored codes and scales up
     to the rounding stores: :func:`apply_block` per block into ``new[:ne]`` (``w``/``c``/``mst``: the item's
     slices; ``qm``/``qv``, a block, are scratch for unpacked 4-bit codes)."""
+    wide_vectors()
     r, col, si = first_block(e0, length, block, nb)
     e = e0
     while e < e0 + ne:
@@ -484,6 +494,7 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     docstring) block by block, given its effective weights ``wb[:ne]``: ``gb[:ne]`` receives the
     directions from the new codes; with ``write`` each block's codes and scales are overwritten once
     its old codes were read.  ``mb``/``vb`` (``ne``) and ``qm``/``qv`` (a block) are scratch."""
+    wide_vectors()
     n_levels, k_levels, inv_n, inv_k = lev[0], lev[1], lev[2], lev[3]
     r, col, si = first_block(e0, length, block, nb)
     e = e0
@@ -528,6 +539,7 @@ def phase1_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
     rows, L, blocks a row, code bytes a row (4-bit)), ``seeds[i]`` the dither's seed term of tensor
     ``i``'s step, ``lev`` = (N, K, RN(1/N), 1/K) float32, ``block`` = B.  ``fscratch[thread]``: four
     float32 rows of :data:`CHUNK`; ``iscratch[thread]``: two int32 rows of at least B."""
+    wide_vectors()
     for k in prange(item_tensor.shape[0]):
         i, e0, ne = item_tensor[k], item_start[k], item_len[k]
         size, rows, length, nb, half = geo[i, 0], geo[i, 1], geo[i, 2], geo[i, 3], geo[i, 4]
@@ -556,6 +568,7 @@ def phase2_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
                         fscratch, iscratch, wmode, recompute):
     """Phase 2 of the blocked formats: ``g`` from the stored codes and scales (``recompute``: phase 1's
     item update from the old ones, writing the new), then the weights (``wmode``)."""
+    wide_vectors()
     for k in prange(item_tensor.shape[0]):
         i, e0, ne = item_tensor[k], item_start[k], item_len[k]
         size, rows, length, nb, half = geo[i, 0], geo[i, 1], geo[i, 2], geo[i, 3], geo[i, 4]
@@ -579,7 +592,7 @@ def phase2_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
                         b1, b2, omb1, omb2, eps, wd, bias1, bias2, fmark)
             write_weights(wb, gb, step, mst, c, o, wmode, w_mark)
         else:
-            nw, rb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
+            nw = fscratch[tid, 0, :ne]
             apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, nw, iscratch[tid, 0],
                        iscratch[tid, 1], lev[2], lev[3], eps, wd, bias1, bias2, step, wmode, fmark)
-            store_new(nw, rb, c, o, wmode, w_mark)
+            store_new(nw, c, o, wmode, w_mark)
