@@ -50,7 +50,7 @@ from numba.extending import intrinsic, overload
 
 from .fused_cpu_kernels import (BIAS_BOTH, BIAS_NONE, BIAS_VAR, CHUNK, _bits_from_f32, _direction, _f32_from_bits,
                                 _moments, cast_like, divide_by_constant, divide_in_float64, load, store,
-                                sum_of_squares, sums_of_squares, view, wide_vectors)
+                                sum_of_squares, view, wide_vectors)
 
 __all__ = ["CHUNK", "PLAIN", "MASTER", "KAHAN", "phase1_elementwise_pass", "phase2_elementwise_pass",
            "phase1_blocked_pass", "phase2_blocked_pass"]
@@ -64,14 +64,18 @@ _ABS = np.uint32(0x7FFFFFFF)
 _TWO_M24 = np.float32(2.0 ** -24)
 
 # How the kernels are laid out for speed (every loop below is straight-line code over contiguous
-# slices, so LLVM vectorises it; the arithmetic per element is unchanged): a work item is processed
-# in stages, each one loop over the item or one of its blocks.  Phase 1 of a block: decode the old
-# codes and update the moments with the new scales (a max over the float bits: vectorises where a
-# float max with NaN handling does not), encode the mean, encode the variance, the updates from the
-# codes; then per item the sums of squares.  Phase 2 of a block: one loop from the codes to the new
-# weight, then per item the rounding stores (one rounding store per loop).  Run-time flags are tested
-# once per item or block, never per element.  The stages shared by several passes are functions of
-# their own, called once per work item: each is compiled once, not inlined into every pass (compile time).
+# slices, so LLVM vectorises it, with 512-bit vectors where the CPU has them (``wide_vectors``); the
+# arithmetic per element is unchanged): a work item is processed in stages, each one loop over the
+# item or one of its blocks.  Phase 1: the effective weights and their sum of squares in one loop;
+# then per block: decode the old codes and update the moments with the new scales (a max over the
+# float bits: vectorises where a float max with NaN handling does not), encode the mean, encode the
+# variance, the updates from the codes; then per item the updates' sum of squares.  The element-wise
+# formats store the rounded moments and read the updates' moments back from the storage.  Phase 2
+# of a block: one loop from the codes to the new weight, then per item the rounding stores (one
+# rounding store per loop; the Kahan compensation recomputes its operand instead of keeping it in
+# scratch).  Run-time flags are tested once per item or block, never per element.  The stages
+# shared by several passes are functions of their own, called once per work item: each is compiled
+# once, not inlined into every pass (compile time).
 
 
 # ------------------------------------------------------------------ element helpers
@@ -224,6 +228,33 @@ def effective_weights(w, c, mst, out, wmode):
             out[j] = load(w[j])
 
 
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def effective_weights_sumsq(w, c, mst, out, wmode):
+    """:func:`effective_weights` and the float64 ``sum(out**2)`` of phase 1 in the same loop.  The fast-math
+    flags serve the reduction (:func:`.fused_cpu_kernels.sum_of_squares`); the weights are unchanged by
+    them: the Kahan sum is one float32 addition of two loaded values, with nothing to reassociate and no
+    product to contract into it."""
+    wide_vectors()
+    n = out.shape[0]
+    acc = 0.0
+    if wmode == KAHAN:
+        for j in range(n):
+            x = load(w[j]) + load(c[j])
+            out[j] = x
+            acc += np.float64(x) * np.float64(x)
+    elif wmode == MASTER:
+        for j in range(n):
+            x = mst[j]
+            out[j] = x
+            acc += np.float64(x) * np.float64(x)
+    else:
+        for j in range(n):
+            x = load(w[j])
+            out[j] = x
+            acc += np.float64(x) * np.float64(x)
+    return acc
+
+
 @njit(cache=True, error_model="numpy")
 def store_all(x, out, mark):
     """``out[j] = RN(x[j])`` in ``mark``'s format.  Each rounding store lives in a small function of
@@ -253,24 +284,36 @@ def store_compensation(new, o, c, mark):
 
 
 @njit(cache=True, error_model="numpy")
+def store_step(wb, gb, step, o, mark):
+    """``o[j] = RN(wb[j] - step * gb[j])`` in ``mark``'s format (one rounding store, see :func:`store_all`)."""
+    wide_vectors()
+    for j in range(wb.shape[0]):
+        o[j] = store(wb[j] - step * gb[j], mark)
+
+
+@njit(cache=True, error_model="numpy")
+def store_step_compensation(wb, gb, step, o, c, mark):
+    """``c[j] = RN(new - float32(o[j]))`` with ``new = wb[j] - step * gb[j]`` recomputed (the same operations as
+    :func:`store_step`'s): the Kahan compensation once the rounded new weights ``o`` are stored."""
+    wide_vectors()
+    for j in range(wb.shape[0]):
+        c[j] = store((wb[j] - step * gb[j]) - load(o[j]), mark)
+
+
+@njit(cache=True, error_model="numpy")
 def write_weights(wb, gb, step, mst, c, o, wmode, w_mark):
     """Phase 2's writes into the slices ``mst``/``c``/``o``: ``new = wb - step * gb`` stored as ``wmode``
-    says (``wb``/``gb`` are overwritten: Kahan and plain keep ``new`` in ``wb``)."""
+    says (a master receives ``new``; ``new`` is recomputed per store rather than kept in scratch)."""
     wide_vectors()
-    n = wb.shape[0]
     if wmode == KAHAN:
-        for j in range(n):
-            wb[j] = wb[j] - step * gb[j]
-        store_all(wb, o, w_mark)
-        store_compensation(wb, o, c, w_mark)
+        store_step(wb, gb, step, o, w_mark)
+        store_step_compensation(wb, gb, step, o, c, w_mark)
     elif wmode == MASTER:
-        for j in range(n):
+        for j in range(wb.shape[0]):
             mst[j] = wb[j] - step * gb[j]
         store_all(mst, o, w_mark)
     else:
-        for j in range(n):
-            gb[j] = wb[j] - step * gb[j]
-        store_all(gb, o, w_mark)
+        store_step(wb, gb, step, o, w_mark)
 
 
 # ------------------------------------------------------------------ element-wise formats ("fp32", "bf16")
@@ -321,10 +364,10 @@ def phase1_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, si
         bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], bias[i, 3]
         tid = get_thread_id()
         wb, gb = scratch[tid, 0, :n], scratch[tid, 1, :n]
-        effective_weights(w, c, mst, wb, wmode)
+        partial[k, 0] = effective_weights_sumsq(w, c, mst, wb, wmode)
         update_elements(g, mean, var, wb, gb, scratch[tid, 2, :n], scratch[tid, 3, :n], m_mark, write, rescale,
                         clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
-        partial[k, 0], partial[k, 1] = sums_of_squares(wb, gb)
+        partial[k, 1] = sum_of_squares(gb)
         partial[k, 2] = 0.0 if write else sum_of_squares(g)
 
 
@@ -554,11 +597,11 @@ def phase1_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
         bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
         tid = get_thread_id()
         wb, gb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
-        effective_weights(w, c, mst, wb, wmode)
+        partial[k, 0] = effective_weights_sumsq(w, c, mst, wb, wmode)
         update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, fscratch[tid, 2, :ne],
                     fscratch[tid, 3, :ne], iscratch[tid, 0], iscratch[tid, 1], seeds[i], lev, write, rescale, clip,
                     b1, b2, omb1, omb2, eps, wd, bias1, bias2, fmark)
-        partial[k, 0], partial[k, 1] = sums_of_squares(wb, gb)
+        partial[k, 1] = sum_of_squares(gb)
         partial[k, 2] = 0.0 if write else sum_of_squares(g[e0:e0 + ne])
 
 
