@@ -61,6 +61,9 @@ MASTER = 1  # master = new; out = RN(new)
 KAHAN = 2  # out = p = RN(new); comp = RN(new - float32(p))
 
 _ABS = np.uint32(0x7FFFFFFF)
+# How far ahead (in elements) update_item/apply_item ask for the next gradient and code lines;
+# the software prefetch only hides latency, it never changes a result.
+PREFETCH = 1024
 _TWO_M24 = np.float32(2.0 ** -24)
 
 # How the kernels are laid out for speed (every loop below is straight-line code over contiguous
@@ -96,6 +99,24 @@ def _mix32(typingctx, j, seed):
         return builder.lshr(x, ir.Constant(i32, 8))
 
     return types.int32(types.int64, types.int64), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Prefetch the cache line of ``arr[idx]`` (``llvm.prefetch``: read, high locality); no effect on results."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.globals.get("llvm.prefetch.p0i8")
+        if fn is None:
+            fn = ir.Function(builder.module, fnty, name="llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, idx), codegen
 
 
 @njit(inline="always")
@@ -517,6 +538,12 @@ def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, 
     while e < e0 + ne:
         n, base = block_at(r, col, e, length, block, half, fmark)
         off = e - e0
+        ahead = e + PREFETCH
+        cahead = ahead >> 1 if packed(fmark) else ahead
+        if cahead + block <= mc.shape[0]:
+            for q in range(0, block, 64):
+                prefetch(mc, cahead + q)
+                prefetch(vc, cahead + q)
         am, sb = block_factors(ms[si], vs[si], bias1, bias2)
         ws, cs, msts, nbs = w[off:off + n], c[off:off + n], mst[off:off + n], new[off:off + n]
         if packed(fmark):
@@ -544,6 +571,15 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     while e < e0 + ne:
         n, base = block_at(r, col, e, length, block, half, fmark)
         off = e - e0
+        ahead = e + PREFETCH
+        if ahead + block <= g.shape[0]:
+            for q in range(0, block, 32):
+                prefetch(g, ahead + q)
+            cahead = ahead >> 1 if packed(fmark) else ahead
+            if cahead + block <= mc.shape[0]:
+                for q in range(0, block, 64):
+                    prefetch(mc, cahead + q)
+                    prefetch(vc, cahead + q)
         mbb, vbb, gbb, wbb, gob = mb[off:off + n], vb[off:off + n], g[e:e + n], wb[off:off + n], gb[off:off + n]
         if packed(fmark):
             unpack_block(mc, base, n, qm, True)
