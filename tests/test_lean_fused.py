@@ -37,10 +37,11 @@ def _like(x, dtype, layout="contiguous"):
     return out
 
 
-def make(fmt, dtype, mode, shapes, *, t=1, layout="contiguous", hp=None, seed=0):
+def make(fmt, dtype, mode, shapes, *, t=1, layout="contiguous", hp=None, seed=0, separate_outs=False):
     """A lean batch: weights of ``dtype`` with a float32 master / a Kahan compensation / neither (``mode``),
     moments stored in ``fmt`` (random, with an all-zero first block and gradient), step ``t`` (an int, or
-    one per tensor)."""
+    one per tensor); the new weights go to the weights themselves, or with ``separate_outs`` to zeroed
+    outputs of their dtype (the weights then only read)."""
     g = torch.Generator().manual_seed(seed)
     hp = hp or {}
     ts = list(t) if isinstance(t, (list, tuple)) else [t] * len(shapes)
@@ -67,7 +68,8 @@ def make(fmt, dtype, mode, shapes, *, t=1, layout="contiguous", hp=None, seed=0)
                                       clip_gradient=hp.get("clip_gradient", -1.0), dtype=F32))
     rescale = hp.get("rescale_tensor")
     blocked = fmt in codec.BLOCKED
-    return LambBatch(weights=weights, grads=grads, means=means, vars=vars_, masters=masters, outs=weights,
+    outs = [torch.zeros_like(w) for w in weights] if separate_outs else weights
+    return LambBatch(weights=weights, grads=grads, means=means, vars=vars_, masters=masters, outs=outs,
                      scalars=scalars, lrs=[0.01 * (k + 1) for k in range(len(shapes))], moment_format=fmt,
                      mean_scales=ms if blocked else None, var_scales=vs if blocked else None,
                      comps=comps if mode == "kahan" else None, counts=ts,
@@ -77,8 +79,10 @@ def make(fmt, dtype, mode, shapes, *, t=1, layout="contiguous", hp=None, seed=0)
 def written(batch):
     """Every tensor a lean step may write, named."""
     out = []
-    for name in ("weights", "means", "vars", "mean_scales", "var_scales", "comps", "masters"):
+    for name in ("weights", "means", "vars", "mean_scales", "var_scales", "comps", "masters", "outs"):
         xs = getattr(batch, name)
+        if name == "outs" and all(o is w for o, w in zip(xs, batch.weights)):
+            continue
         for k, x in enumerate(xs or []):
             if x is not None:
                 out.append((f"{name}[{k}]", x))
@@ -121,7 +125,7 @@ def check(fmt, dtype, mode, shapes, *, dry=False, steps=1, **kw):
                                         bias_correction=sc.bias1 is not None, rescale_grad=sc.rescale,
                                         clip_gradient=-1.0 if sc.clip is None else sc.clip, dtype=F32)
                          for c, sc in zip(b.counts, b.scalars)]
-    moved = [name for (name, a), (_, b) in zip(snapshot(fast), start) if name.startswith("weights") and a.numel()
+    moved = [name for (name, a), (_, b) in zip(snapshot(fast), start) if name.startswith(("weights", "outs")) and a.numel()
              and not torch.equal(a, b)]
     assert moved, "the step changed no weight"
     return ref, fast
@@ -158,6 +162,14 @@ def test_step_counts_dither_and_bias_regimes(fmt, t):
 def test_several_steps_evolve_the_codes_identically():
     check("4bit", BF16, "kahan", [(40, 257), (3, 7, 300)], steps=3)
     check("8bit", F16, "master", [(4097,)], steps=3, dry=True)
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "4bit", "bf16", "fp32"])
+@pytest.mark.parametrize("t", [1, 1000, 10**6])
+def test_kahan_weights_into_separate_outputs(fmt, t):
+    """The new weights into outputs of their own (the operators' ``out=``): weights only read, outputs,
+    compensations and moments bitwise the reference's, at each bias-correction regime."""
+    check(fmt, BF16, "kahan", [(40, 257), (4097,), (1, 4096)], t=t, separate_outs=True)
 
 
 HYPER = [{"clip_gradient": 0.5}, {"rescale_tensor": 0.37}, {"rescale_grad": 2.0, "clip_gradient": 1.0},

@@ -74,9 +74,10 @@ _TWO_M24 = np.float32(2.0 ** -24)
 # float bits: vectorises where a float max with NaN handling does not), encode the mean, encode the
 # variance, the updates from the codes; then per item the updates' sum of squares.  The element-wise
 # formats store the rounded moments and read the updates' moments back from the storage.  Phase 2
-# of a block: one loop from the codes to the new weight, then per item the rounding stores (one
-# rounding store per loop; the Kahan compensation recomputes its operand instead of keeping it in
-# scratch).  Run-time flags are tested once per item or block, never per element.  The stages
+# of a block: one loop from the codes to the new weight, then per item the rounding stores (the
+# weight and its Kahan compensation in one loop, each rounding a call of ``rounded``); phase 2 of an
+# element-wise chunk with Kahan weights is a single loop from the stored moments to both stores (the
+# weights read and written through one array when they are their own output).  Run-time flags are tested once per item or block, never per element.  The stages
 # shared by several passes are functions of their own, called once per work item: each is compiled
 # once, not inlined into every pass (compile time).
 
@@ -296,12 +297,22 @@ def round_all(x, mark):
 
 
 @njit(cache=True, error_model="numpy")
-def store_compensation(new, o, c, mark):
-    """``c[j] = RN(new[j] - float32(o[j]))`` in ``mark``'s format: the Kahan compensation of the new weights
-    ``new`` once their rounding ``o`` is stored (one rounding store, see :func:`store_all`)."""
+def store_kahan(new, o, c, mark):
+    """``o[j] = p = RN(new[j])`` and ``c[j] = RN(new[j] - float32(p))`` in ``mark``'s format: the new weights and
+    their Kahan compensation in one loop (:func:`rounded`)."""
     wide_vectors()
     for j in range(new.shape[0]):
-        c[j] = store(new[j] - load(o[j]), mark)
+        p = rounded(new[j], mark)
+        o[j] = p
+        c[j] = rounded(new[j] - load(p), mark)
+
+
+@njit(error_model="numpy")
+def rounded(x, mark):
+    """``RN(x)`` in ``mark``'s format (:func:`.fused_cpu_kernels.store`) as a function of its own: numba
+    links it, and LLVM inlines it, so a loop may round twice (numba's IR inliner mishandles two inlined
+    copies of the bfloat16 store in one function, see :func:`store_all`)."""
+    return store(x, mark)
 
 
 @njit(cache=True, error_model="numpy")
@@ -313,12 +324,15 @@ def store_step(wb, gb, step, o, mark):
 
 
 @njit(cache=True, error_model="numpy")
-def store_step_compensation(wb, gb, step, o, c, mark):
-    """``c[j] = RN(new - float32(o[j]))`` with ``new = wb[j] - step * gb[j]`` recomputed (the same operations as
-    :func:`store_step`'s): the Kahan compensation once the rounded new weights ``o`` are stored."""
+def store_step_kahan(wb, gb, step, o, c, mark):
+    """``o[j] = p = RN(new)`` and ``c[j] = RN(new - float32(p))`` with ``new = wb[j] - step * gb[j]``: the new
+    weights and their Kahan compensation in one loop."""
     wide_vectors()
     for j in range(wb.shape[0]):
-        c[j] = store((wb[j] - step * gb[j]) - load(o[j]), mark)
+        new = wb[j] - step * gb[j]
+        p = rounded(new, mark)
+        o[j] = p
+        c[j] = rounded(new - load(p), mark)
 
 
 @njit(cache=True, error_model="numpy")
@@ -327,8 +341,7 @@ def write_weights(wb, gb, step, mst, c, o, wmode, w_mark):
     says (a master receives ``new``; ``new`` is recomputed per store rather than kept in scratch)."""
     wide_vectors()
     if wmode == KAHAN:
-        store_step(wb, gb, step, o, w_mark)
-        store_step_compensation(wb, gb, step, o, c, w_mark)
+        store_step_kahan(wb, gb, step, o, c, w_mark)
     elif wmode == MASTER:
         for j in range(wb.shape[0]):
             mst[j] = wb[j] - step * gb[j]
@@ -392,6 +405,53 @@ def phase1_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, si
         partial[k, 2] = 0.0 if write else sum_of_squares(g)
 
 
+@njit(inline="always")
+def _kahan_elements(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, regime, w_mark):
+    """Phase 2 of an element-wise chunk with Kahan weights, one loop: ``new = w - step * g`` from the stored
+    moments, ``o = p = RN(new)``, ``c = RN(new - float32(p))`` (``o`` may be ``w`` itself)."""
+    for j in range(c.shape[0]):
+        wj = load(w[j]) + load(c[j])
+        new = wj - step * _direction(load(mean[j]), load(var[j]), wj, eps, wd, bias1, bias2, inv1, inv2, regime)
+        p = rounded(new, w_mark)
+        o[j] = p
+        c[j] = rounded(new - load(p), w_mark)
+
+
+@njit(inline="always")
+def _kahan_regimes(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark):
+    """:func:`_kahan_elements` with the bias-correction regime a compile-time constant (as :func:`directions`)."""
+    if div_mean and div_var:
+        _kahan_elements(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_BOTH, w_mark)
+    elif div_var and not div_mean:
+        _kahan_elements(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_VAR, w_mark)
+    elif not div_var and not div_mean:
+        _kahan_elements(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_NONE, w_mark)
+    else:  # the mean divided, the var not: no launcher asks for it
+        for j in range(c.shape[0]):
+            wj = load(w[j]) + load(c[j])
+            new = wj - step * direction(load(mean[j]), load(var[j]), wj, eps, wd, bias1, bias2, inv1, inv2,
+                                        div_mean, div_var)
+            p = rounded(new, w_mark)
+            o[j] = p
+            c[j] = rounded(new - load(p), w_mark)
+
+
+@njit(cache=True, error_model="numpy")
+def apply_elements_kahan(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark):
+    """:func:`_kahan_elements` into a separate output ``o``."""
+    wide_vectors()
+    _kahan_regimes(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark)
+
+
+@njit(cache=True, error_model="numpy")
+def apply_elements_kahan_inplace(w, c, mean, var, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var,
+                                 w_mark):
+    """:func:`_kahan_elements` with ``o`` the weights ``w``: one array read and written, so LLVM needs no
+    run-time aliasing check to vectorise the loop."""
+    wide_vectors()
+    _kahan_regimes(w, c, mean, var, w, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def phase2_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, o_addr, sizes, w_mark, g_mark, m_mark,
                             scal, bias, flags, steps, chunk_tensor, chunk_start, chunk_len, scratch, wmode,
@@ -414,6 +474,14 @@ def phase2_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, o_
         step = cast_like(steps[i], eps)
         tid = get_thread_id()
         wb, gb, mb, vb = scratch[tid, 0, :n], scratch[tid, 1, :n], scratch[tid, 2, :n], scratch[tid, 3, :n]
+        if wmode == KAHAN and not recompute:
+            if o_addr[i] == w_addr[i]:
+                apply_elements_kahan_inplace(w, c, mean, var, step, eps, wd, bias1, bias2, inv1, inv2, div_mean,
+                                             div_var, w_mark)
+            else:
+                apply_elements_kahan(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var,
+                                     w_mark)
+            continue
         effective_weights(w, c, mst, wb, wmode)
         if recompute:
             update_elements(g, mean, var, wb, gb, mb, vb, m_mark, True, rescale, clip, b1, b2, omb1, omb2, eps, wd,
@@ -521,9 +589,10 @@ def store_new(nb, c, o, wmode, w_mark):
     """The rounding stores of phase 2 for the new weights ``nb``: ``o = RN(new)``, and with a compensation
     ``c = RN(new - float32(o))``."""
     wide_vectors()
-    store_all(nb, o, w_mark)
     if wmode == KAHAN:
-        store_compensation(nb, o, c, w_mark)
+        store_kahan(nb, o, c, w_mark)
+    else:
+        store_all(nb, o, w_mark)
 
 
 @njit(cache=True, error_model="numpy")
