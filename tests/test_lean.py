@@ -130,11 +130,39 @@ def test_dither_matches_the_documented_hash():
         assert float(got[j]) == (lowbias32(x) >> 8) * 2.0 ** -24
 
 
-def test_four_bit_packing_puts_the_even_element_in_the_low_nibble():
+def test_four_bit_packing_puts_each_block_half_in_one_nibble():
     m = torch.zeros(1, 4096)
-    m[0, 0], m[0, 1] = 1.0, -1.0  # codes +7 and -7
+    m[0, 0], m[0, 64], m[0, 1] = 1.0, -1.0, 1.0  # codes +7, -7, +7: block 0's bytes 0 and 1
     q, _ = codec.encode_mean(m, "4bit")
-    assert q.shape == (1, 2048) and int(q[0, 0]) == (7 | (((-7) & 15) << 4))
+    assert q.shape == (1, 2048)
+    assert int(q[0, 0]) == (7 | (((-7) & 15) << 4)) and int(q[0, 1]) == 7
+
+
+def naive_pack(q):
+    """The 4-bit byte layout written out element by element: a block of ``n`` codes from column ``col0`` fills
+    bytes ``col0 / 2 + j`` (``j < h = ceil(n / 2)``) with code ``col0 + j`` low and ``col0 + h + j`` high."""
+    rows, length = q.shape
+    out = torch.zeros(rows, (length + 1) // 2, dtype=torch.uint8)
+    for r in range(rows):
+        for col0 in range(0, length, codec.BLOCK["4bit"]):
+            n = min(codec.BLOCK["4bit"], length - col0)
+            h = (n + 1) // 2
+            for j in range(h):
+                high = int(q[r, col0 + h + j]) if h + j < n else 0
+                out[r, col0 // 2 + j] = int(q[r, col0 + j]) | (high << 4)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 4096), (3, 1500), (2, 1501), (1, 129), (1, 127), (4097,), (0, 300)])
+def test_four_bit_packing_matches_the_layout_and_round_trips(shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    q = torch.randint(0, 16, shape, generator=gen, dtype=torch.int32)
+    packed = codec._pack(q, shape)
+    assert packed.shape == codec.code_shape("4bit", shape) and packed.dtype == torch.uint8
+    rows, length = codec.rows_and_length(shape)
+    assert torch.equal(packed.reshape(rows, (length + 1) // 2), naive_pack(q.reshape(rows, length)))
+    assert torch.equal(codec._unpack(packed, shape, signed=False), q)
+    assert torch.equal(codec._unpack(packed, shape, signed=True), (q ^ 8) - 8)
 
 
 def test_storage_format_rules():

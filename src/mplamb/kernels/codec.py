@@ -36,9 +36,12 @@ Formats of the moments (``Lamb(moments=...)``)
     *Arithmetic.*  Everything in float32, each operation rounded once (no fused multiply-add),
     square roots correctly rounded; ``1/a`` and ``1/b`` are one float32 division per block.
     *Storage.*  8 bits: ``int8`` codes for ``m`` and ``uint8`` codes for ``v``, in tensors of the
-    parameter's shape.  4 bits: two codes a byte (the even element in the low nibble, ``m``'s as
-    two's complement nibbles), ``uint8`` tensors of shape ``(d0, ceil(L / 2))`` (a 1-d tensor:
-    ``(ceil(n / 2),)``).  Scales: float32, ``(d0, ceil(L / B))`` (1-d: ``(ceil(n / B),)``).
+    parameter's shape.  4 bits: two codes a byte, ``uint8`` tensors of shape ``(d0, ceil(L / 2))`` (a 1-d
+    tensor: ``(ceil(n / 2),)``); a block of ``n`` codes (from an even column) occupies the ``h = ceil(n / 2)``
+    bytes from its column's half, byte ``j`` holding code ``j`` in its low nibble and code ``h + j`` in its
+    high nibble (0 past the block's end when ``n`` is odd), ``m``'s as two's complement nibbles: both
+    halves of a block are contiguous in the bytes, which the kernels read with vector loads.  Scales:
+    float32, ``(d0, ceil(L / B))`` (1-d: ``(ceil(n / B),)``).
     *Small tensors.*  Tensors of fewer than :data:`MIN_QUANTIZED_NUMEL` elements keep float32
     moments (biases and norms: a negligible share of the memory, and the most sensitive), as do
     float64 parameters and 1-d DTensor shards (their blocks would not follow the sharding).
@@ -159,20 +162,43 @@ def _unblock(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return _as_rows(x, rows)[:, :length].reshape(shape)
 
 
+def _split(length: int) -> Tuple[int, int, int]:
+    """``(full, n, h)`` of a row of ``length`` 4-bit codes: the columns in whole blocks, the elements of the
+    last partial block and its bytes ``h = ceil(n / 2)``."""
+    full = length // BLOCK["4bit"] * BLOCK["4bit"]
+    n = length - full
+    return full, n, (n + 1) // 2
+
+
 def _pack(q: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """4-bit codes (integers 0..15 of the parameter's shape) two to a byte along each row."""
+    """4-bit codes (integers 0..15 of the parameter's shape) two to a byte, block by block along each row: the
+    ``h = ceil(n / 2)`` bytes of a block of ``n`` codes hold its first ``h`` codes in their low nibbles and the
+    others in their high nibbles (zero in the last byte's high nibble when ``n`` is odd)."""
     rows, length = rows_and_length(shape)
     q = q.reshape(rows, length).to(torch.uint8)
-    if length % 2:
-        q = torch.nn.functional.pad(q, (0, 1))
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed.reshape(code_shape("4bit", shape))
+    full, n, h = _split(length)
+    half = BLOCK["4bit"] // 2
+    blocks = q[:, :full].reshape(rows, full // BLOCK["4bit"], BLOCK["4bit"])
+    parts = [(blocks[..., :half] | (blocks[..., half:] << 4)).reshape(rows, full // 2)]
+    if n:
+        tail = q[:, full:]
+        parts.append(tail[:, :h] | (torch.nn.functional.pad(tail[:, h:], (0, 2 * h - n)) << 4))
+    return torch.cat(parts, dim=1).reshape(code_shape("4bit", shape))
 
 
 def _unpack(codes: torch.Tensor, shape: Sequence[int], signed: bool) -> torch.Tensor:
+    """The 4-bit codes of :func:`_pack`'s bytes, as int32 of the parameter's shape (``signed``: two's complement)."""
     rows, length = rows_and_length(shape)
     c = _as_rows(codes, rows).to(torch.int32)
-    q = _as_rows(torch.stack([c & 15, c >> 4], dim=-1), rows)[:, :length]
+    lo, hi = c & 15, c >> 4
+    full, n, h = _split(length)
+    half = BLOCK["4bit"] // 2
+    nblocks = full // BLOCK["4bit"]
+    parts = [torch.cat([lo[:, :full // 2].reshape(rows, nblocks, half),
+                        hi[:, :full // 2].reshape(rows, nblocks, half)], dim=2).reshape(rows, full)]
+    if n:
+        parts.append(torch.cat([lo[:, full // 2:], hi[:, full // 2:full // 2 + n - h]], dim=1))
+    q = torch.cat(parts, dim=1)
     if signed:
         q = (q ^ 8) - 8
     return q.reshape(shape)

@@ -71,15 +71,17 @@ _TWO_M24 = np.float32(2.0 ** -24)
 # arithmetic per element is unchanged): a work item is processed in stages, each one loop over the
 # item or one of its blocks.  Phase 1: the effective weights and their sum of squares in one loop;
 # then per block: decode the old codes and update the moments with the new scales (a max over the
-# float bits: vectorises where a float max with NaN handling does not), encode the mean, encode the
+# float bits: vectorises where a float max with NaN handling does not; 4 bits: one loop per nibble,
+# the layout keeps each half of a block contiguous in the bytes), encode the mean, encode the
 # variance, the updates from the codes; then per item the updates' sum of squares.  The element-wise
 # formats store the rounded moments and read the updates' moments back from the storage.  Phase 2
-# of a block: one loop from the codes to the new weight, then per item the rounding stores (the
-# weight and its Kahan compensation in one loop, each rounding a call of ``rounded``); phase 2 of an
-# element-wise chunk with Kahan weights is a single loop from the stored moments to both stores (the
-# weights read and written through one array when they are their own output).  Run-time flags are tested once per item or block, never per element.  The stages
-# shared by several passes are functions of their own, called once per work item: each is compiled
-# once, not inlined into every pass (compile time).
+# of a block: (4 bits: unpack the codes, one loop per nibble) one loop from the codes to the new
+# weight, then per item the rounding stores (the weight and its Kahan compensation in one loop, each
+# rounding a call of ``rounded``); phase 2 of an element-wise chunk with Kahan weights is a single
+# loop from the stored moments to both stores (the weights read and written through one array when
+# they are their own output).  Run-time flags are tested once per item or block, never per element.
+# The stages shared by several passes are functions of their own, called once per work item: each
+# is compiled once, not inlined into every pass (compile time).
 
 
 # ------------------------------------------------------------------ element helpers
@@ -218,15 +220,16 @@ def _packed(fmark):
 
 @njit(inline="always")
 def put_codes(codes, base, q, n, fmark):
-    """Store the block's ``n`` codes ``q`` at ``base`` (4-bit: two a byte, the even one low; a lone last
-    one with a zero high nibble, as the reference pads)."""
+    """Store the block's ``n`` codes ``q`` at ``base`` (4-bit: the block's halves in the low and high nibbles
+    of its ``h = ceil(n / 2)`` bytes, a zero high nibble in the last byte of an odd block, as the reference)."""
     if packed(fmark):
-        half = n >> 1
-        out = codes[base:base + half]
-        for jj in range(half):
-            out[jj] = (q[2 * jj] & np.int32(15)) | ((q[2 * jj + 1] & np.int32(15)) << np.int32(4))
+        h = (n + 1) >> 1
+        out = codes[base:base + h]
+        hi = q[h:n]
+        for jj in range(n - h):
+            out[jj] = (q[jj] & np.int32(15)) | ((hi[jj] & np.int32(15)) << np.int32(4))
         if n & 1:
-            codes[base + half] = q[n - 1] & np.int32(15)
+            out[h - 1] = q[h - 1] & np.int32(15)
     else:
         out = codes[base:base + n]
         for j in range(n):
@@ -521,31 +524,47 @@ def next_block(r, col, si, n, length):
 
 
 @njit(inline="always")
-def unpack_block(codes, base, n, q, signed):
-    """``q[:n]`` = the 4-bit codes of a block (packed at ``base``; two's complement nibbles when ``signed``)."""
-    half = n >> 1
-    src = codes[base:base + half]
-    for jj in range(half):
-        x = np.int32(src[jj])
-        lo, hi = x & np.int32(15), (x >> np.int32(4)) & np.int32(15)
-        q[2 * jj] = ((lo ^ np.int32(8)) - np.int32(8)) if signed else lo
-        q[2 * jj + 1] = ((hi ^ np.int32(8)) - np.int32(8)) if signed else hi
-    if n & 1:
-        x = np.int32(codes[base + half]) & np.int32(15)
-        q[n - 1] = ((x ^ np.int32(8)) - np.int32(8)) if signed else x
+def stored_code(x, shift, signed, fmark):
+    """The integer code of a stored byte ``x``: the byte itself (8-bit), or its nibble at ``shift`` (0: low, 4:
+    high; 4-bit), a two's complement one when ``signed``."""
+    if packed(fmark):
+        y = (np.int32(x) >> shift) & np.int32(15)
+        return ((y ^ np.int32(8)) - np.int32(8)) if signed else y
+    return x
 
 
 @njit(inline="always")
-def update_block(cm, cv, g, mb, vb, n, a0, b0, inv_n, inv_k, rescale, clip, b1, b2, omb1, omb2):
-    """The new moments ``mb[:n]``/``vb[:n]`` of a block from its old codes ``cm``/``cv`` (integers: 8-bit codes
-    or unpacked ones) and scales ``a0``/``b0`` and the gradients ``g``, and the block's new scales
-    ``(max |m|, max v)``.  The maxima are taken as the largest of the magnitudes' bit patterns, which order
-    like their values (NaN above inf, so NaN sticks as in ``torch.amax``; 0 for none): an integer max that
-    vectorises (``v >= 0``, so ``max |v|`` is ``max v``)."""
+def unpack_codes(codes, base, n, q, signed):
+    """``q[:n]`` = the 4-bit codes of a block of ``n`` (its bytes at ``base``; two's complement when ``signed``):
+    two contiguous loops, the low nibbles then the high ones."""
+    h = (n + 1) >> 1
+    src = codes[base:base + h]
+    for jj in range(h):
+        q[jj] = stored_code(src[jj], 0, signed, np.uint8(0))
+    hi = q[h:n]
+    for jj in range(n - h):
+        hi[jj] = stored_code(src[jj], 4, signed, np.uint8(0))
+
+
+@njit(inline="always")
+def code_bytes(n, fmark):
+    """The bytes holding a block of ``n`` codes: ``n`` (8-bit), ``ceil(n / 2)`` (4-bit: element ``j < h`` in the
+    low nibble of byte ``j``, element ``h + j`` in the high nibble of byte ``j``)."""
+    return (n + 1) >> 1 if packed(fmark) else n
+
+
+@njit(inline="always")
+def update_block(cm, cv, shift, g, mb, vb, n, a0, b0, inv_n, inv_k, rescale, clip, b1, b2, omb1, omb2, fmark):
+    """The new moments ``mb[:n]``/``vb[:n]`` of ``n`` elements of a block from their stored codes (bytes
+    ``cm``/``cv``, the nibbles at ``shift`` for 4 bits: :func:`stored_code`), the block's old scales
+    ``a0``/``b0`` and the gradients ``g``, and the bit patterns of ``(max |m|, max v)``.  The maxima are taken
+    over the magnitudes' bit patterns, which order like their values (NaN above inf, so NaN sticks as in
+    ``torch.amax``; 0 for none): an integer max that vectorises (``v >= 0``, so ``max |v|`` is ``max v``)."""
     ia = np.uint32(0)
     ib = np.uint32(0)
     for j in range(n):
-        m, v = _moments(g[j], decode_mean(cm[j], a0, inv_n), decode_var(cv[j], b0, inv_k), rescale, clip, b1, b2,
+        m, v = _moments(g[j], decode_mean(stored_code(cm[j], shift, True, fmark), a0, inv_n),
+                        decode_var(stored_code(cv[j], shift, False, fmark), b0, inv_k), rescale, clip, b1, b2,
                         omb1, omb2)
         mb[j] = m
         vb[j] = v
@@ -553,15 +572,16 @@ def update_block(cm, cv, g, mb, vb, n, a0, b0, inv_n, inv_k, rescale, clip, b1, 
         uv = np.uint32(_bits_from_f32(v) & _ABS)
         ia = um if um > ia else ia
         ib = uv if uv > ib else ib
-    return _f32_from_bits(np.uint32(ia)), _f32_from_bits(np.uint32(ib))
+    return ia, ib
 
 
 @njit(inline="always")
 def apply_block(cm, cv, n, w, c, mst, nb, am, sb, inv_n, inv_k, eps, wd, step, wmode):
-    """Phase 2 of a block up to the rounding stores, one loop per element: ``nb[j] = new = w - step * g`` with
-    ``g`` the update of the codes ``cm``/``cv`` (:func:`mplamb.kernels.reference.blocked_direction`) and ``w`` the effective weight
-    (``wmode``; a master receives ``new`` here).  ``w``/``c``/``mst``/``nb`` are the block's slices; the stores
-    are :func:`store_new`'s, once per work item."""
+    """Phase 2 of a block up to the rounding stores, one loop: ``nb[j] = new = w - step * g`` with ``g`` the
+    update of the integer codes ``cm``/``cv`` (8-bit codes, or unpacked 4-bit ones;
+    :func:`mplamb.kernels.reference.blocked_direction`) and ``w`` the effective weight (``wmode``; a master
+    receives ``new`` here).  ``w``/``c``/``mst``/``nb`` are the block's slices; the stores are
+    :func:`store_new`'s, once per work item."""
     if wmode == KAHAN:
         for j in range(n):
             tm = np.float32(cm[j]) * inv_n
@@ -600,7 +620,7 @@ def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, 
                bias2, step, wmode, fmark):
     """Phase 2 of the work item of elements ``e0 .. e0+ne-1`` (whole blocks) from the stored codes and scales up
     to the rounding stores: :func:`apply_block` per block into ``new[:ne]`` (``w``/``c``/``mst``: the item's
-    slices; ``qm``/``qv``, a block, are scratch for unpacked 4-bit codes)."""
+    slices; ``qm``/``qv``, a block, are scratch for the unpacked 4-bit codes: :func:`unpack_codes`)."""
     wide_vectors()
     r, col, si = first_block(e0, length, block, nb)
     e = e0
@@ -616,8 +636,8 @@ def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, 
         am, sb = block_factors(ms[si], vs[si], bias1, bias2)
         ws, cs, msts, nbs = w[off:off + n], c[off:off + n], mst[off:off + n], new[off:off + n]
         if packed(fmark):
-            unpack_block(mc, base, n, qm, True)
-            unpack_block(vc, base, n, qv, False)
+            unpack_codes(mc, base, n, qm, True)
+            unpack_codes(vc, base, n, qv, False)
             apply_block(qm, qv, n, ws, cs, msts, nbs, am, sb, inv_n, inv_k, eps, wd, step, wmode)
         else:
             apply_block(mc[base:base + n], vc[base:base + n], n, ws, cs, msts, nbs, am, sb, inv_n, inv_k, eps, wd,
@@ -632,7 +652,9 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     """Phase 1 of the work item of elements ``e0 .. e0+ne-1`` (whole blocks; the stages of the module
     docstring) block by block, given its effective weights ``wb[:ne]``: ``gb[:ne]`` receives the
     directions from the new codes; with ``write`` each block's codes and scales are overwritten once
-    its old codes were read.  ``mb``/``vb`` (``ne``) and ``qm``/``qv`` (a block) are scratch."""
+    its old codes were read.  ``mb``/``vb`` (``ne``) and ``qm``/``qv`` (a block) are scratch.  4-bit
+    codes are decoded from the bytes in place, the low nibbles (the block's first ``ceil(n / 2)``
+    elements) in one loop and the high ones in another."""
     wide_vectors()
     n_levels, k_levels, inv_n, inv_k = lev[0], lev[1], lev[2], lev[3]
     r, col, si = first_block(e0, length, block, nb)
@@ -649,15 +671,17 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
                 for q in range(0, block, 64):
                     prefetch(mc, cahead + q)
                     prefetch(vc, cahead + q)
-        mbb, vbb, gbb, wbb, gob = mb[off:off + n], vb[off:off + n], g[e:e + n], wb[off:off + n], gb[off:off + n]
-        if packed(fmark):
-            unpack_block(mc, base, n, qm, True)
-            unpack_block(vc, base, n, qv, False)
-            a, b = update_block(qm, qv, gbb, mbb, vbb, n, ms[si], vs[si], inv_n, inv_k, rescale, clip, b1, b2,
-                                omb1, omb2)
-        else:
-            a, b = update_block(mc[base:base + n], vc[base:base + n], gbb, mbb, vbb, n, ms[si], vs[si], inv_n, inv_k,
-                                rescale, clip, b1, b2, omb1, omb2)
+        mbb, vbb, wbb, gob = mb[off:off + n], vb[off:off + n], wb[off:off + n], gb[off:off + n]
+        h = code_bytes(n, fmark)
+        bm, bv = mc[base:base + h], vc[base:base + h]
+        ia, ib = update_block(bm, bv, 0, g[e:e + h], mbb, vbb, h, ms[si], vs[si], inv_n, inv_k, rescale, clip, b1,
+                              b2, omb1, omb2, fmark)
+        if packed(fmark):  # the high nibbles: the block's elements h .. n-1
+            ja, jb = update_block(bm, bv, 4, g[e + h:e + n], mbb[h:], vbb[h:], n - h, ms[si], vs[si], inv_n, inv_k,
+                                  rescale, clip, b1, b2, omb1, omb2, fmark)
+            ia = ja if ja > ia else ia
+            ib = jb if jb > ib else ib
+        a, b = _f32_from_bits(np.uint32(ia)), _f32_from_bits(np.uint32(ib))
         ra, rb = reciprocal(a), reciprocal(b)
         am, sb = block_factors(a, b, bias1, bias2)
         block_seed = seed + e  # the dither of element e + j (mod 2**32: j's 32-bit induction vectorises)

@@ -27,10 +27,12 @@ reduced per tensor in a fixed order (:func:`.triton_kernels.sum_blocks_kernel`).
 *Programs.*  Element-wise formats: one program per :data:`BLOCK` elements of one tensor (as the
 full-state kernels).  Blocked formats: one program per ``NBLK`` consecutive codec blocks of one
 tensor (blocks are numbered row by row, ``rows * ceil(L / B)`` per tensor; ``tid``/``first`` map
-programs to tensors), seen as a tile ``[NBLK, HALF, 2]``: block ``k``'s column ``2 * jj + h`` is
-element ``r * L + col + 2 * jj + h`` (``r``/``col`` its row and first column), so the two codes of a
-4-bit byte are the tile's last axis (unpacked by shifts, packed by a sum of disjoint nibbles: no
-reshape), and the block maxima are reductions over the last two axes.  A launch whose rows are all
+programs to tensors), seen as a tile ``[NBLK, HALF, 2]``: slot ``(jj, h)`` of block ``k`` is element
+``r * L + col + 2 * jj + h`` (``r``/``col`` its row and first column), for 4 bits ``r * L + col + jj +
+h * ceil(n / 2)``, the code in nibble ``h`` of the block's byte ``jj`` (a block of ``n`` elements keeps
+its halves in the low and high nibbles: :mod:`.codec`), so the two codes of a 4-bit byte are the tile's
+last axis (unpacked by shifts, packed by a sum of disjoint nibbles: no reshape), and the block maxima
+are reductions over the last two axes.  A launch whose rows are all
 shorter than ``B`` uses a narrower tile (``2 * HALF`` the next power of two of its longest row):
 every block is then a whole row.  A program owns its blocks' codes, bytes and scales outright
 (blocks start at even columns, ``B`` is even), so it reads the old codes and writes the new ones in
@@ -238,22 +240,33 @@ def phase2_elementwise_kernel(addr_ptr, num_ptr, tid_ptr, first_ptr, rescale_ptr
 # ------------------------------------------------------------------ blocked formats ("8bit", "4bit")
 
 @triton.jit
-def _tile(pid, t, row, first_ptr, addr_ptr, B: tl.constexpr, NBLK: tl.constexpr, HALF: tl.constexpr):
+def _tile(pid, t, row, first_ptr, addr_ptr, B: tl.constexpr, NBLK: tl.constexpr, HALF: tl.constexpr,
+          PACKED: tl.constexpr):
     """Program ``pid``'s tile of ``NBLK`` blocks of tensor ``t`` (table row ``row``): block indices and mask
-    ``[NBLK]``, element indices and mask ``[NBLK, HALF, 2]``, code-byte indices and mask ``[NBLK, HALF]``
-    (4-bit: byte ``jj`` holds columns ``2 * jj`` and ``2 * jj + 1``), the nibble shifts ``[1, 1, 2]``."""
+    ``[NBLK]``, element indices and mask ``[NBLK, HALF, 2]``, code-byte indices and mask ``[NBLK, HALF]``,
+    the nibble shifts ``[1, 1, 2]``.  Slot ``(jj, h)`` of a block of ``n`` elements from column ``col`` is
+    column ``col + 2 * jj + h`` (8-bit), or for 4 bits the code in nibble ``h`` of the block's byte ``jj``:
+    column ``col + jj + h * ceil(n / 2)`` (:mod:`.codec`'s layout)."""
     length = _address(addr_ptr, row, G_LEN)
     nb = _address(addr_ptr, row, G_NB)
     bi = (pid - tl.load(first_ptr + t)).to(tl.int64) * NBLK + tl.arange(0, NBLK)
     bmask = bi < _address(addr_ptr, row, G_ROWS) * nb
     r = bi // nb
-    pairs = ((bi - r * nb) * B)[:, None] + 2 * tl.arange(0, HALF)[None, :]  # [NBLK, HALF]: even columns
+    col0 = (bi - r * nb) * B  # [NBLK]: the blocks' first columns (even)
+    jj = tl.arange(0, HALF)[None, :]
     h = tl.arange(0, 2)[None, None, :]
-    cols = pairs[:, :, None] + h
-    emask = bmask[:, None, None] & (cols < length)
-    e = r[:, None, None] * length + cols
-    byte = r[:, None] * _address(addr_ptr, row, G_HALF) + pairs // 2
-    byte_mask = bmask[:, None] & (pairs < length)
+    if PACKED:
+        n = tl.minimum(length - col0, B)[:, None]
+        hn = (n + 1) // 2  # [NBLK, 1]: the block's bytes
+        offset = jj[:, :, None] + h * hn[:, :, None]
+        emask = bmask[:, None, None] & (jj < hn)[:, :, None] & (offset < n[:, :, None])
+        byte_mask = bmask[:, None] & (jj < hn)
+    else:
+        offset = 2 * jj[:, :, None] + h
+        emask = bmask[:, None, None] & (col0[:, None, None] + offset < length)
+        byte_mask = bmask[:, None] & (col0[:, None] + 2 * jj < length)
+    e = r[:, None, None] * length + col0[:, None, None] + offset
+    byte = r[:, None] * _address(addr_ptr, row, G_HALF) + col0[:, None] // 2 + jj
     return bi, bmask, e, emask, byte, byte_mask, 4 * h
 
 
@@ -273,8 +286,8 @@ def _codes(addr_ptr, row, e, emask, byte, byte_mask, shift, PACKED: tl.constexpr
 
 @triton.jit
 def _put_codes(addr_ptr, row, qm, qv, e, keep, byte, byte_keep, shift, PACKED: tl.constexpr):
-    """Store the tile's codes (4-bit: two a byte, the even element low; out-of-range elements must hold code 0,
-    the reference's padding nibble)."""
+    """Store the tile's codes (4-bit: two a byte, slot ``(jj, h)`` in nibble ``h`` of byte ``jj``; out-of-range
+    elements must hold code 0, the reference's padding nibble)."""
     if PACKED:
         bm = tl.sum((qm & 15) << shift, axis=2)  # disjoint nibbles: the sum is their OR
         bv = tl.sum((qv & 15) << shift, axis=2)
@@ -373,7 +386,7 @@ def phase1_blocked_kernel(addr_ptr, num_ptr, tid_ptr, first_ptr, rescale_ptr, pa
     pid = tl.program_id(0)
     t = tl.load(tid_ptr + pid)
     row = t.to(tl.int64) * ROW
-    bi, bmask, e, emask, byte, byte_mask, shift = _tile(pid, t, row, first_ptr, addr_ptr, B, NBLK, HALF)
+    bi, bmask, e, emask, byte, byte_mask, shift = _tile(pid, t, row, first_ptr, addr_ptr, B, NBLK, HALF, PACKED)
     seed = _seed(addr_ptr, row, DEVICE_T)
     qm, qv, a, b = _blocked_update(addr_ptr, num_ptr, row, bi, bmask, e, emask, byte, byte_mask, shift, rescale_ptr,
                                    seed, inv_n, inv_k, n_levels, k_levels, G_KIND, PACKED, RESCALE_FROM_PTR)
@@ -402,7 +415,7 @@ def phase2_blocked_kernel(addr_ptr, num_ptr, tid_ptr, first_ptr, rescale_ptr, st
     pid = tl.program_id(0)
     t = tl.load(tid_ptr + pid)
     row = t.to(tl.int64) * ROW
-    bi, bmask, e, emask, byte, byte_mask, shift = _tile(pid, t, row, first_ptr, addr_ptr, B, NBLK, HALF)
+    bi, bmask, e, emask, byte, byte_mask, shift = _tile(pid, t, row, first_ptr, addr_ptr, B, NBLK, HALF, PACKED)
     keep = _keep(skip_ptr, emask, SKIP_FROM_PTR)
     if RECOMPUTE:
         seed = _seed(addr_ptr, row, DEVICE_T)
