@@ -45,12 +45,15 @@ class PeakMemory:
         self.device = device
         self._base: Optional[float] = None
 
-    def start(self) -> "PeakMemory":
+    def start(self, collect: bool = True) -> "PeakMemory":
+        """Take the starting point (on the CPU after a garbage collection, unless ``collect`` is False because the
+        caller has just collected: a full collection walks every object of the process)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self._base = float(torch.cuda.memory_allocated(self.device))
         else:
-            gc.collect()
+            if collect:
+                gc.collect()
             trim_heap()
             kb = _status_kb("VmRSS")
             self._base = None if kb is None else kb * 1024.0

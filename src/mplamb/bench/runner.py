@@ -81,10 +81,11 @@ class Row:
         return d
 
 
-def peak_extra_mb(fn: Callable[[], None], device: torch.device = torch.device("cpu")) -> Optional[float]:
+def peak_extra_mb(fn: Callable[[], None], device: torch.device = torch.device("cpu"),
+                  collect: bool = True) -> Optional[float]:
     """Peak memory added while ``fn`` runs (:class:`mplamb._memory.PeakMemory`: device memory on a GPU,
-    resident memory on the CPU)."""
-    tracker = PeakMemory(device).start()
+    resident memory on the CPU; ``collect``: garbage-collect first)."""
+    tracker = PeakMemory(device).start(collect=collect)
     fn()
     extra = tracker.extra_bytes()
     return None if extra is None else extra / 2**20
@@ -232,8 +233,9 @@ def run(workloads: List[str], setups: List[str], repeats: int = 7, with_peers: b
                 roof.triad()
                 for name, row in roof_rows.items():
                     row.times.append(_timed(getattr(roof, name), dev))
+            gc.collect()  # once: a step leaves no garbage to speak of, and each collection walks the whole heap
             for row, opt in cands:
-                row.peak_extra_mb = peak_extra_mb(opt.step, dev)
+                row.peak_extra_mb = peak_extra_mb(opt.step, dev, collect=False)
             if isolated is not None:
                 cands.append((Row(wl, setup, OPTAX, "float32", times=list(isolated["times"]),
                                   warmup_s=isolated["warmup_s"], interleaved=False), None))
