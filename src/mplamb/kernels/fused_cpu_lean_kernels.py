@@ -553,6 +553,60 @@ def code_bytes(n, fmark):
     return (n + 1) >> 1 if packed(fmark) else n
 
 
+@njit(error_model="numpy")
+def encoded_update(m, v, w, j, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps, wd):
+    """``(q_m, q_v, u)`` of element ``j`` of a block: its new codes and the update they give (a function of its
+    own, which LLVM inlines: numba's IR inliner mishandles several inlined copies in one function)."""
+    q_m = encode_mean(m, ra, n_levels)
+    q_v = encode_var(v, rb, k_levels, dither(j, block_seed))
+    tm = np.float32(q_m) * inv_n
+    tv = (np.float32(q_v) + np.float32(1.0)) * inv_k
+    return q_m, q_v, ((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + w * wd
+
+
+@njit(error_model="numpy")
+def encode_last(mb, vb, wb, gb, bm, bv, j, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps, wd,
+                write):
+    """:func:`encode_packed` of an odd block's last byte: element ``j = h - 1`` alone in its low nibble."""
+    q_m, q_v, u = encoded_update(mb[j], vb[j], wb[j], j, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n,
+                                 inv_k, eps, wd)
+    gb[j] = u
+    if write:
+        bm[j] = q_m & np.int32(15)
+        bv[j] = q_v & np.int32(15)
+
+
+@njit(inline="always")
+def encode_packed(mb, vb, wb, gb, bm, bv, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps, wd,
+                  write):
+    """A 4-bit block's encoding, updates ``gb[:n]`` and (``write``) packed bytes ``bm``/``bv`` in one loop over its
+    bytes: byte ``jj`` holds elements ``jj`` and ``h + jj`` (``h = ceil(n / 2)``), each half a contiguous stream."""
+    h = (n + 1) >> 1
+    k = n - h
+    m_hi, v_hi, w_hi, g_hi = mb[h:n], vb[h:n], wb[h:n], gb[h:n]
+    if write:
+        for jj in range(k):
+            lm, lv, lu = encoded_update(mb[jj], vb[jj], wb[jj], jj, ra, rb, n_levels, k_levels, block_seed, am, sb,
+                                        inv_n, inv_k, eps, wd)
+            hm, hv, hu = encoded_update(m_hi[jj], v_hi[jj], w_hi[jj], h + jj, ra, rb, n_levels, k_levels, block_seed,
+                                        am, sb, inv_n, inv_k, eps, wd)
+            gb[jj] = lu
+            g_hi[jj] = hu
+            bm[jj] = (lm & np.int32(15)) | ((hm & np.int32(15)) << np.int32(4))
+            bv[jj] = (lv & np.int32(15)) | ((hv & np.int32(15)) << np.int32(4))
+    else:
+        for jj in range(k):
+            lm, lv, lu = encoded_update(mb[jj], vb[jj], wb[jj], jj, ra, rb, n_levels, k_levels, block_seed, am, sb,
+                                        inv_n, inv_k, eps, wd)
+            hm, hv, hu = encoded_update(m_hi[jj], v_hi[jj], w_hi[jj], h + jj, ra, rb, n_levels, k_levels, block_seed,
+                                        am, sb, inv_n, inv_k, eps, wd)
+            gb[jj] = lu
+            g_hi[jj] = hu
+    if n & 1:
+        encode_last(mb, vb, wb, gb, bm, bv, h - 1, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps,
+                    wd, write)
+
+
 @njit(inline="always")
 def update_block(cm, cv, shift, g, mb, vb, n, a0, b0, inv_n, inv_k, rescale, clip, b1, b2, omb1, omb2, fmark):
     """The new moments ``mb[:n]``/``vb[:n]`` of ``n`` elements of a block from their stored codes (bytes
@@ -685,17 +739,22 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
         ra, rb = reciprocal(a), reciprocal(b)
         am, sb = block_factors(a, b, bias1, bias2)
         block_seed = seed + e  # the dither of element e + j (mod 2**32: j's 32-bit induction vectorises)
-        for j in range(n):
-            qm[j] = encode_mean(mbb[j], ra, n_levels)
-        for j in range(n):
-            qv[j] = encode_var(vbb[j], rb, k_levels, dither(j, block_seed))
-        for j in range(n):
-            tm = np.float32(qm[j]) * inv_n
-            tv = (np.float32(qv[j]) + np.float32(1.0)) * inv_k
-            gob[j] = ((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wbb[j] * wd
-        if write:  # every old code of the block was read (update_block above)
-            put_codes(mc, base, qm, n, fmark)
-            put_codes(vc, base, qv, n, fmark)
+        if packed(fmark):
+            encode_packed(mbb, vbb, wbb, gob, bm, bv, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n,
+                          inv_k, eps, wd, write)
+        else:
+            for j in range(n):
+                qm[j] = encode_mean(mbb[j], ra, n_levels)
+            for j in range(n):
+                qv[j] = encode_var(vbb[j], rb, k_levels, dither(j, block_seed))
+            for j in range(n):
+                tm = np.float32(qm[j]) * inv_n
+                tv = (np.float32(qv[j]) + np.float32(1.0)) * inv_k
+                gob[j] = ((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wbb[j] * wd
+            if write:  # every old code of the block was read (update_block above)
+                put_codes(mc, base, qm, n, fmark)
+                put_codes(vc, base, qv, n, fmark)
+        if write:
             ms[si] = a
             vs[si] = b
         r, col, si = next_block(r, col, si, n, length)
