@@ -73,7 +73,8 @@ _TWO_M24 = np.float32(2.0 ** -24)
 # then per block: decode the old codes and update the moments with the new scales (a max over the
 # float bits: vectorises where a float max with NaN handling does not; 4 bits: one loop per nibble,
 # the layout keeps each half of a block contiguous in the bytes), encode the mean, encode the
-# variance, the updates from the codes; then per item the updates' sum of squares.  The element-wise
+# variance, the updates from the codes (4 bits: these three and the packing in one loop over the
+# block's bytes, :func:`encode_packed`); then per item the updates' sum of squares.  The element-wise
 # formats store the rounded moments and read the updates' moments back from the storage.  Phase 2
 # of a block: (4 bits: unpack the codes, one loop per nibble) one loop from the codes to the new
 # weight, then per item the rounding stores (the weight and its Kahan compensation in one loop, each
@@ -706,7 +707,7 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     """Phase 1 of the work item of elements ``e0 .. e0+ne-1`` (whole blocks; the stages of the module
     docstring) block by block, given its effective weights ``wb[:ne]``: ``gb[:ne]`` receives the
     directions from the new codes; with ``write`` each block's codes and scales are overwritten once
-    its old codes were read.  ``mb``/``vb`` (``ne``) and ``qm``/``qv`` (a block) are scratch.  4-bit
+    its old codes were read.  ``mb``/``vb`` (``ne``) and ``qm``/``qv`` (a block; 8-bit) are scratch.  4-bit
     codes are decoded from the bytes in place, the low nibbles (the block's first ``ceil(n / 2)``
     elements) in one loop and the high ones in another."""
     wide_vectors()
