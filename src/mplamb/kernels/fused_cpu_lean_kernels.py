@@ -585,24 +585,16 @@ def encode_packed(mb, vb, wb, gb, bm, bv, n, ra, rb, n_levels, k_levels, block_s
     h = (n + 1) >> 1
     k = n - h
     m_hi, v_hi, w_hi, g_hi = mb[h:n], vb[h:n], wb[h:n], gb[h:n]
-    if write:
-        for jj in range(k):
-            lm, lv, lu = encoded_update(mb[jj], vb[jj], wb[jj], jj, ra, rb, n_levels, k_levels, block_seed, am, sb,
-                                        inv_n, inv_k, eps, wd)
-            hm, hv, hu = encoded_update(m_hi[jj], v_hi[jj], w_hi[jj], h + jj, ra, rb, n_levels, k_levels, block_seed,
-                                        am, sb, inv_n, inv_k, eps, wd)
-            gb[jj] = lu
-            g_hi[jj] = hu
+    for jj in range(k):  # LLVM unswitches the loop on ``write``
+        lm, lv, lu = encoded_update(mb[jj], vb[jj], wb[jj], jj, ra, rb, n_levels, k_levels, block_seed, am, sb,
+                                    inv_n, inv_k, eps, wd)
+        hm, hv, hu = encoded_update(m_hi[jj], v_hi[jj], w_hi[jj], h + jj, ra, rb, n_levels, k_levels, block_seed, am,
+                                    sb, inv_n, inv_k, eps, wd)
+        gb[jj] = lu
+        g_hi[jj] = hu
+        if write:
             bm[jj] = (lm & np.int32(15)) | ((hm & np.int32(15)) << np.int32(4))
             bv[jj] = (lv & np.int32(15)) | ((hv & np.int32(15)) << np.int32(4))
-    else:
-        for jj in range(k):
-            lm, lv, lu = encoded_update(mb[jj], vb[jj], wb[jj], jj, ra, rb, n_levels, k_levels, block_seed, am, sb,
-                                        inv_n, inv_k, eps, wd)
-            hm, hv, hu = encoded_update(m_hi[jj], v_hi[jj], w_hi[jj], h + jj, ra, rb, n_levels, k_levels, block_seed,
-                                        am, sb, inv_n, inv_k, eps, wd)
-            gb[jj] = lu
-            g_hi[jj] = hu
     if n & 1:
         encode_last(mb, vb, wb, gb, bm, bv, h - 1, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps,
                     wd, write)
