@@ -220,21 +220,11 @@ def _packed(fmark):
 
 
 @njit(inline="always")
-def put_codes(codes, base, q, n, fmark):
-    """Store the block's ``n`` codes ``q`` at ``base`` (4-bit: the block's halves in the low and high nibbles
-    of its ``h = ceil(n / 2)`` bytes, a zero high nibble in the last byte of an odd block, as the reference)."""
-    if packed(fmark):
-        h = (n + 1) >> 1
-        out = codes[base:base + h]
-        hi = q[h:n]
-        for jj in range(n - h):
-            out[jj] = (q[jj] & np.int32(15)) | ((hi[jj] & np.int32(15)) << np.int32(4))
-        if n & 1:
-            out[h - 1] = q[h - 1] & np.int32(15)
-    else:
-        out = codes[base:base + n]
-        for j in range(n):
-            out[j] = q[j]
+def put_codes(codes, base, q, n):
+    """Store a block's ``n`` 8-bit codes ``q`` at ``base`` (4-bit blocks are packed by :func:`encode_packed`)."""
+    out = codes[base:base + n]
+    for j in range(n):
+        out[j] = q[j]
 
 
 @njit(cache=True, error_model="numpy")
@@ -745,8 +735,8 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
                 tv = (np.float32(qv[j]) + np.float32(1.0)) * inv_k
                 gob[j] = ((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wbb[j] * wd
             if write:  # every old code of the block was read (update_block above)
-                put_codes(mc, base, qm, n, fmark)
-                put_codes(vc, base, qv, n, fmark)
+                put_codes(mc, base, qm, n)
+                put_codes(vc, base, qv, n)
         if write:
             ms[si] = a
             vs[si] = b
