@@ -82,7 +82,10 @@ _TWO_M24 = np.float32(2.0 ** -24)
 # loop from the stored moments to both stores (the weights read and written through one array when
 # they are their own output).  Run-time flags are tested once per item or block, never per element.
 # The stages shared by several passes are functions of their own, called once per work item: each
-# is compiled once, not inlined into every pass (compile time).
+# is compiled once, not inlined into every pass (compile time).  Within a work item a block is
+# addressed by (unsigned) offsets into the item's arrays, never by slices: numba raises and drops the
+# reference count of each array a block would create (an atomic call each), which in phase 2 cost
+# more than the block's arithmetic.
 
 
 # ------------------------------------------------------------------ element helpers
@@ -217,14 +220,6 @@ def _packed(fmark):
     """Whether the format marker says 4-bit (``uint8``: two codes a byte) rather than 8-bit (``int8``)."""
     flag = fmark == types.uint8
     return lambda fmark: flag
-
-
-@njit(inline="always")
-def put_codes(codes, base, q, n):
-    """Store a block's ``n`` 8-bit codes ``q`` at ``base`` (4-bit blocks are packed by :func:`encode_packed`)."""
-    out = codes[base:base + n]
-    for j in range(n):
-        out[j] = q[j]
 
 
 @njit(cache=True, error_model="numpy")
@@ -519,22 +514,27 @@ def stored_code(x, shift, signed, fmark):
     """The integer code of a stored byte ``x``: the byte itself (8-bit), or its nibble at ``shift`` (0: low, 4:
     high; 4-bit), a two's complement one when ``signed``."""
     if packed(fmark):
-        y = (np.int32(x) >> shift) & np.int32(15)
+        y = (np.int32(x) >> np.int32(shift)) & np.int32(15)
         return ((y ^ np.int32(8)) - np.int32(8)) if signed else y
     return x
 
 
-@njit(inline="always")
-def unpack_codes(codes, base, n, q, signed):
-    """``q[:n]`` = the 4-bit codes of a block of ``n`` (its bytes at ``base``; two's complement when ``signed``):
-    two contiguous loops, the low nibbles then the high ones."""
-    h = (n + 1) >> 1
-    src = codes[base:base + h]
+@njit(error_model="numpy")
+def unpack_codes(mc, vc, base, n, qm, qv):
+    """``qm[:n]``/``qv[:n]`` = the 4-bit mean (two's complement) and variance codes of a block of ``n``, its bytes
+    at ``base``: per array two contiguous loops, the low nibbles then the high ones (unsigned indices: see
+    :func:`apply_block_kahan`)."""
+    wide_vectors()
+    h = np.uint64((n + 1) >> 1)
+    ub = np.uint64(base)
     for jj in range(h):
-        q[jj] = stored_code(src[jj], 0, signed, np.uint8(0))
-    hi = q[h:n]
-    for jj in range(n - h):
-        hi[jj] = stored_code(src[jj], 4, signed, np.uint8(0))
+        qm[jj] = stored_code(mc[ub + jj], 0, True, np.uint8(0))
+    for jj in range(np.uint64(n) - h):
+        qm[h + jj] = stored_code(mc[ub + jj], 4, True, np.uint8(0))
+    for jj in range(h):
+        qv[jj] = stored_code(vc[ub + jj], 0, False, np.uint8(0))
+    for jj in range(np.uint64(n) - h):
+        qv[h + jj] = stored_code(vc[ub + jj], 4, False, np.uint8(0))
 
 
 @njit(inline="always")
@@ -556,55 +556,75 @@ def encoded_update(m, v, w, j, ra, rb, n_levels, k_levels, block_seed, am, sb, i
 
 
 @njit(error_model="numpy")
-def encode_last(mb, vb, wb, gb, bm, bv, j, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps, wd,
-                write):
-    """:func:`encode_packed` of an odd block's last byte: element ``j = h - 1`` alone in its low nibble."""
-    q_m, q_v, u = encoded_update(mb[j], vb[j], wb[j], j, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n,
+def encode_last(mb, vb, wb, gb, off, bm, bv, cb, j, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps,
+                wd, write):
+    """:func:`encode_packed` of an odd block's last byte ``cb + j``: element ``j = h - 1`` alone in its low nibble."""
+    k = off + j
+    q_m, q_v, u = encoded_update(mb[k], vb[k], wb[k], j, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n,
                                  inv_k, eps, wd)
-    gb[j] = u
+    gb[k] = u
     if write:
-        bm[j] = q_m & np.int32(15)
-        bv[j] = q_v & np.int32(15)
+        bm[cb + j] = q_m & np.int32(15)
+        bv[cb + j] = q_v & np.int32(15)
 
 
 @njit(inline="always")
-def encode_packed(mb, vb, wb, gb, bm, bv, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps, wd,
-                  write):
-    """A 4-bit block's encoding, updates ``gb[:n]`` and (``write``) packed bytes ``bm``/``bv`` in one loop over its
-    bytes: byte ``jj`` holds elements ``jj`` and ``h + jj`` (``h = ceil(n / 2)``), each half a contiguous stream."""
-    h = (n + 1) >> 1
-    k = n - h
-    m_hi, v_hi, w_hi, g_hi = mb[h:n], vb[h:n], wb[h:n], gb[h:n]
-    for jj in range(k):  # LLVM unswitches the loop on ``write``
-        lm, lv, lu = encoded_update(mb[jj], vb[jj], wb[jj], jj, ra, rb, n_levels, k_levels, block_seed, am, sb,
-                                    inv_n, inv_k, eps, wd)
-        hm, hv, hu = encoded_update(m_hi[jj], v_hi[jj], w_hi[jj], h + jj, ra, rb, n_levels, k_levels, block_seed, am,
-                                    sb, inv_n, inv_k, eps, wd)
-        gb[jj] = lu
-        g_hi[jj] = hu
+def encode_packed(mb, vb, wb, gb, off, bm, bv, cb, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k,
+                  eps, wd, write):
+    """A 4-bit block's encoding, its updates ``gb[off:off + n]`` and (``write``) its packed bytes ``bm``/``bv`` from
+    ``cb`` on, in one loop over its bytes: byte ``jj`` holds elements ``jj`` and ``h + jj`` (``h = ceil(n / 2)``),
+    each half a contiguous stream (moments ``mb``/``vb`` and effective weights ``wb`` at ``off``; indices
+    unsigned, see :func:`update_item`)."""
+    h = np.uint64((n + 1) >> 1)
+    lo, hi, ub = np.uint64(off), np.uint64(off) + h, np.uint64(cb)
+    for jj in range(np.uint64(n) - h):  # LLVM unswitches the loop on ``write``
+        lm, lv, lu = encoded_update(mb[lo + jj], vb[lo + jj], wb[lo + jj], jj, ra, rb, n_levels, k_levels,
+                                    block_seed, am, sb, inv_n, inv_k, eps, wd)
+        hm, hv, hu = encoded_update(mb[hi + jj], vb[hi + jj], wb[hi + jj], h + jj, ra, rb, n_levels, k_levels,
+                                    block_seed, am, sb, inv_n, inv_k, eps, wd)
+        gb[lo + jj] = lu
+        gb[hi + jj] = hu
         if write:
-            bm[jj] = (lm & np.int32(15)) | ((hm & np.int32(15)) << np.int32(4))
-            bv[jj] = (lv & np.int32(15)) | ((hv & np.int32(15)) << np.int32(4))
+            bm[ub + jj] = (lm & np.int32(15)) | ((hm & np.int32(15)) << np.int32(4))
+            bv[ub + jj] = (lv & np.int32(15)) | ((hv & np.int32(15)) << np.int32(4))
     if n & 1:
-        encode_last(mb, vb, wb, gb, bm, bv, h - 1, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps,
-                    wd, write)
+        encode_last(mb, vb, wb, gb, off, bm, bv, cb, ((n + 1) >> 1) - 1, ra, rb, n_levels, k_levels, block_seed, am,
+                    sb, inv_n, inv_k, eps, wd, write)
 
 
 @njit(inline="always")
-def update_block(cm, cv, shift, g, mb, vb, n, a0, b0, inv_n, inv_k, rescale, clip, b1, b2, omb1, omb2, fmark):
-    """The new moments ``mb[:n]``/``vb[:n]`` of ``n`` elements of a block from their stored codes (bytes
-    ``cm``/``cv``, the nibbles at ``shift`` for 4 bits: :func:`stored_code`), the block's old scales
-    ``a0``/``b0`` and the gradients ``g``, and the bit patterns of ``(max |m|, max v)``.  The maxima are taken
-    over the magnitudes' bit patterns, which order like their values (NaN above inf, so NaN sticks as in
+def encode_bytes(mb, vb, wb, gb, off, qm, qv, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps,
+                 wd):
+    """An 8-bit block's encoding into the scratch ``qm``/``qv`` and its updates ``gb[off:off + n]`` from the codes,
+    one loop a stage (see :func:`encode_packed` for the arguments; :func:`update_item` stores the codes)."""
+    uo = np.uint64(off)
+    for j in range(np.uint64(n)):
+        qm[j] = encode_mean(mb[uo + j], ra, n_levels)
+    for j in range(np.uint64(n)):
+        qv[j] = encode_var(vb[uo + j], rb, k_levels, dither(j, block_seed))
+    for j in range(np.uint64(n)):
+        tm = np.float32(qm[j]) * inv_n
+        tv = (np.float32(qv[j]) + np.float32(1.0)) * inv_k
+        gb[uo + j] = ((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wb[uo + j] * wd
+
+
+@njit(inline="always")
+def update_block(cm, cv, cb, shift, g, ge, mb, vb, off, n, a0, b0, inv_n, inv_k, rescale, clip, b1, b2, omb1, omb2,
+                 fmark):
+    """The new moments ``mb``/``vb[off:off + n]`` of ``n`` elements of a block from their stored codes (bytes
+    ``cm``/``cv[cb:cb + n]``, the nibbles at ``shift`` for 4 bits: :func:`stored_code`), the block's old scales
+    ``a0``/``b0`` and the gradients ``g[ge:ge + n]``, and the bit patterns of ``(max |m|, max v)``.  The maxima are
+    taken over the magnitudes' bit patterns, which order like their values (NaN above inf, so NaN sticks as in
     ``torch.amax``; 0 for none): an integer max that vectorises (``v >= 0``, so ``max |v|`` is ``max v``)."""
     ia = np.uint32(0)
     ib = np.uint32(0)
-    for j in range(n):
-        m, v = _moments(g[j], decode_mean(stored_code(cm[j], shift, True, fmark), a0, inv_n),
-                        decode_var(stored_code(cv[j], shift, False, fmark), b0, inv_k), rescale, clip, b1, b2,
+    uc, ug, uo = np.uint64(cb), np.uint64(ge), np.uint64(off)
+    for j in range(np.uint64(n)):
+        m, v = _moments(g[ug + j], decode_mean(stored_code(cm[uc + j], shift, True, fmark), a0, inv_n),
+                        decode_var(stored_code(cv[uc + j], shift, False, fmark), b0, inv_k), rescale, clip, b1, b2,
                         omb1, omb2)
-        mb[j] = m
-        vb[j] = v
+        mb[uo + j] = m
+        vb[uo + j] = v
         um = np.uint32(_bits_from_f32(m) & _ABS)
         uv = np.uint32(_bits_from_f32(v) & _ABS)
         ia = um if um > ia else ia
@@ -612,33 +632,50 @@ def update_block(cm, cv, shift, g, mb, vb, n, a0, b0, inv_n, inv_k, rescale, cli
     return ia, ib
 
 
-@njit(inline="always")
-def apply_block(cm, cv, n, w, c, mst, nb, am, sb, inv_n, inv_k, eps, wd, step, wmode):
-    """Phase 2 of a block up to the rounding stores, one loop: ``nb[j] = new = w - step * g`` with ``g`` the
-    update of the integer codes ``cm``/``cv`` (8-bit codes, or unpacked 4-bit ones;
-    :func:`mplamb.kernels.reference.blocked_direction`) and ``w`` the effective weight (``wmode``; a master
-    receives ``new`` here).  ``w``/``c``/``mst``/``nb`` are the block's slices; the stores are
-    :func:`store_new`'s, once per work item."""
-    if wmode == KAHAN:
-        for j in range(n):
-            tm = np.float32(cm[j]) * inv_n
-            tv = (np.float32(cv[j]) + np.float32(1.0)) * inv_k
-            wj = load(w[j]) + load(c[j])
-            nb[j] = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
-    elif wmode == MASTER:
-        for j in range(n):
-            tm = np.float32(cm[j]) * inv_n
-            tv = (np.float32(cv[j]) + np.float32(1.0)) * inv_k
-            wj = mst[j]
-            new = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
-            nb[j] = new
-            mst[j] = new
-    else:
-        for j in range(n):
-            tm = np.float32(cm[j]) * inv_n
-            tv = (np.float32(cv[j]) + np.float32(1.0)) * inv_k
-            wj = load(w[j])
-            nb[j] = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
+@njit(error_model="numpy")
+def apply_block_kahan(cm, cv, cb, n, w, c, nb, off, am, sb, inv_n, inv_k, eps, wd, step):
+    """Phase 2 of a block up to the rounding stores, for Kahan weights, one loop: ``nb[off + j] = new = w - step *
+    g`` for ``j < n``, with ``w = float32(p) + float32(c)`` and ``g`` the update of the integer codes
+    ``cm``/``cv[cb + j]`` (8-bit codes, or unpacked 4-bit ones; :func:`mplamb.kernels.reference.blocked_direction`).
+    ``w``/``c``/``nb`` are the work item's arrays; the stores are :func:`store_new`'s, once per work item.
+
+    The per-block functions of :func:`apply_item` address a block by offsets into the item's arrays, not by
+    slices, and each weight mode is a function of its own rather than a branch of an inlined one: numba raises
+    and drops the reference count of every array a block creates or passes inline (an atomic call each), which
+    cost more than a block's arithmetic.  The indices are unsigned, so no index is tested for wraparound."""
+    wide_vectors()
+    uo, uc = np.uint64(off), np.uint64(cb)
+    for j in range(np.uint64(n)):
+        tm = np.float32(cm[uc + j]) * inv_n
+        tv = (np.float32(cv[uc + j]) + np.float32(1.0)) * inv_k
+        wj = load(w[uo + j]) + load(c[uo + j])
+        nb[uo + j] = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
+
+
+@njit(error_model="numpy")
+def apply_block_master(cm, cv, cb, n, mst, nb, off, am, sb, inv_n, inv_k, eps, wd, step):
+    """:func:`apply_block_kahan` for master weights: ``w`` = the master, which receives ``new`` too."""
+    wide_vectors()
+    uo, uc = np.uint64(off), np.uint64(cb)
+    for j in range(np.uint64(n)):
+        tm = np.float32(cm[uc + j]) * inv_n
+        tv = (np.float32(cv[uc + j]) + np.float32(1.0)) * inv_k
+        wj = mst[uo + j]
+        new = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
+        nb[uo + j] = new
+        mst[uo + j] = new
+
+
+@njit(error_model="numpy")
+def apply_block_plain(cm, cv, cb, n, w, nb, off, am, sb, inv_n, inv_k, eps, wd, step):
+    """:func:`apply_block_kahan` for plain weights: ``w = float32(p)``."""
+    wide_vectors()
+    uo, uc = np.uint64(off), np.uint64(cb)
+    for j in range(np.uint64(n)):
+        tm = np.float32(cm[uc + j]) * inv_n
+        tv = (np.float32(cv[uc + j]) + np.float32(1.0)) * inv_k
+        wj = load(w[uo + j])
+        nb[uo + j] = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
 
 
 @njit(cache=True, error_model="numpy")
@@ -656,8 +693,9 @@ def store_new(nb, c, o, wmode, w_mark):
 def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, qm, qv, inv_n, inv_k, eps, wd, bias1,
                bias2, step, wmode, fmark):
     """Phase 2 of the work item of elements ``e0 .. e0+ne-1`` (whole blocks) from the stored codes and scales up
-    to the rounding stores: :func:`apply_block` per block into ``new[:ne]`` (``w``/``c``/``mst``: the item's
-    slices; ``qm``/``qv``, a block, are scratch for the unpacked 4-bit codes: :func:`unpack_codes`)."""
+    to the rounding stores: :func:`apply_block_kahan` (or its master or plain twin) per block into ``new[:ne]``
+    (``w``/``c``/``mst``: the item's slices; ``qm``/``qv``, a block, are scratch for the unpacked 4-bit codes:
+    :func:`unpack_codes`)."""
     wide_vectors()
     r, col, si = first_block(e0, length, block, nb)
     e = e0
@@ -671,14 +709,20 @@ def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, 
                 prefetch(mc, cahead + q)
                 prefetch(vc, cahead + q)
         am, sb = block_factors(ms[si], vs[si], bias1, bias2)
-        ws, cs, msts, nbs = w[off:off + n], c[off:off + n], mst[off:off + n], new[off:off + n]
         if packed(fmark):
-            unpack_codes(mc, base, n, qm, True)
-            unpack_codes(vc, base, n, qv, False)
-            apply_block(qm, qv, n, ws, cs, msts, nbs, am, sb, inv_n, inv_k, eps, wd, step, wmode)
+            unpack_codes(mc, vc, base, n, qm, qv)
+            if wmode == KAHAN:
+                apply_block_kahan(qm, qv, 0, n, w, c, new, off, am, sb, inv_n, inv_k, eps, wd, step)
+            elif wmode == MASTER:
+                apply_block_master(qm, qv, 0, n, mst, new, off, am, sb, inv_n, inv_k, eps, wd, step)
+            else:
+                apply_block_plain(qm, qv, 0, n, w, new, off, am, sb, inv_n, inv_k, eps, wd, step)
+        elif wmode == KAHAN:
+            apply_block_kahan(mc, vc, base, n, w, c, new, off, am, sb, inv_n, inv_k, eps, wd, step)
+        elif wmode == MASTER:
+            apply_block_master(mc, vc, base, n, mst, new, off, am, sb, inv_n, inv_k, eps, wd, step)
         else:
-            apply_block(mc[base:base + n], vc[base:base + n], n, ws, cs, msts, nbs, am, sb, inv_n, inv_k, eps, wd,
-                        step, wmode)
+            apply_block_plain(mc, vc, base, n, w, new, off, am, sb, inv_n, inv_k, eps, wd, step)
         r, col, si = next_block(r, col, si, n, length)
         e += n
 
@@ -691,7 +735,9 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     directions from the new codes; with ``write`` each block's codes and scales are overwritten once
     its old codes were read.  ``mb``/``vb`` (``ne``) and ``qm``/``qv`` (a block; 8-bit) are scratch.  4-bit
     codes are decoded from the bytes in place, the low nibbles (the block's first ``ceil(n / 2)``
-    elements) in one loop and the high ones in another."""
+    elements) in one loop and the high ones in another.  The stages are inlined and address the block by
+    unsigned offsets into the item's arrays: no slice per block, so numba has no reference count to raise
+    and drop per block (see :func:`apply_block_kahan`)."""
     wide_vectors()
     n_levels, k_levels, inv_n, inv_k = lev[0], lev[1], lev[2], lev[3]
     r, col, si = first_block(e0, length, block, nb)
@@ -708,13 +754,11 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
                 for q in range(0, block, 64):
                     prefetch(mc, cahead + q)
                     prefetch(vc, cahead + q)
-        mbb, vbb, wbb, gob = mb[off:off + n], vb[off:off + n], wb[off:off + n], gb[off:off + n]
         h = code_bytes(n, fmark)
-        bm, bv = mc[base:base + h], vc[base:base + h]
-        ia, ib = update_block(bm, bv, 0, g[e:e + h], mbb, vbb, h, ms[si], vs[si], inv_n, inv_k, rescale, clip, b1,
+        ia, ib = update_block(mc, vc, base, 0, g, e, mb, vb, off, h, ms[si], vs[si], inv_n, inv_k, rescale, clip, b1,
                               b2, omb1, omb2, fmark)
         if packed(fmark):  # the high nibbles: the block's elements h .. n-1
-            ja, jb = update_block(bm, bv, 4, g[e + h:e + n], mbb[h:], vbb[h:], n - h, ms[si], vs[si], inv_n, inv_k,
+            ja, jb = update_block(mc, vc, base, 4, g, e + h, mb, vb, off + h, n - h, ms[si], vs[si], inv_n, inv_k,
                                   rescale, clip, b1, b2, omb1, omb2, fmark)
             ia = ja if ja > ia else ia
             ib = jb if jb > ib else ib
@@ -723,20 +767,17 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
         am, sb = block_factors(a, b, bias1, bias2)
         block_seed = seed + e  # the dither of element e + j (mod 2**32: j's 32-bit induction vectorises)
         if packed(fmark):
-            encode_packed(mbb, vbb, wbb, gob, bm, bv, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n,
+            encode_packed(mb, vb, wb, gb, off, mc, vc, base, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n,
                           inv_k, eps, wd, write)
         else:
-            for j in range(n):
-                qm[j] = encode_mean(mbb[j], ra, n_levels)
-            for j in range(n):
-                qv[j] = encode_var(vbb[j], rb, k_levels, dither(j, block_seed))
-            for j in range(n):
-                tm = np.float32(qm[j]) * inv_n
-                tv = (np.float32(qv[j]) + np.float32(1.0)) * inv_k
-                gob[j] = ((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wbb[j] * wd
+            encode_bytes(mb, vb, wb, gb, off, qm, qv, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k,
+                         eps, wd)
             if write:  # every old code of the block was read (update_block above)
-                put_codes(mc, base, qm, n)
-                put_codes(vc, base, qv, n)
+                ub = np.uint64(base)
+                for j in range(np.uint64(n)):
+                    mc[ub + j] = qm[j]
+                for j in range(np.uint64(n)):
+                    vc[ub + j] = qv[j]
         if write:
             ms[si] = a
             vs[si] = b
