@@ -8,7 +8,9 @@ and not the memory system's: for the blocked formats phase 1 (``update_item``: d
 encode, update from the codes; codes and scales written) and phase 2 (``apply_item`` and the
 rounding stores of ``store_new``), for ``bf16`` moments the element-wise chunk (``update_elements``
 and ``apply_elements_kahan_inplace``).  The effective weights' and the updates' sums of squares are
-timed apart (they are the same for every format).  Step count t = 10: both bias corrections apply.
+timed apart (they are the same for every format), and so is the divider's share: loops of the same number of
+correctly rounded float32 square roots and divisions per element as the blocked formats' phases (nothing
+else), the floor that bit-identity with the reference sets.  Step count t = 10: both bias corrections apply.
 """
 from __future__ import annotations
 
@@ -63,6 +65,25 @@ def _elementwise_phase2(reps, w, c, mean, var, w_mark):
                                         1.0 / np.float64(BIAS2), True, True, w_mark)
 
 
+@njit(error_model="numpy")
+def _divider_phase1(reps, x, y, out):
+    """Three correctly rounded square roots and one division per element: the divider's work in phase 1 of the
+    blocked formats (``sqrt`` to encode ``m``, two for ``v``'s fourth root, the update's division)."""
+    FK.wide_vectors()
+    for _ in range(reps):
+        for j in range(x.shape[0]):
+            out[j] = (np.sqrt(x[j]) + np.sqrt(np.sqrt(y[j]))) / (y[j] + f32(EPS))
+
+
+@njit(error_model="numpy")
+def _divider_phase2(reps, x, y, out):
+    """One correctly rounded division per element: the divider's work in phase 2 of the blocked formats."""
+    FK.wide_vectors()
+    for _ in range(reps):
+        for j in range(x.shape[0]):
+            out[j] = x[j] / (y[j] + f32(EPS))
+
+
 @njit
 def _sums(reps, w, c, mst, wb, gb):
     acc = 0.0
@@ -102,6 +123,9 @@ def main() -> None:
     print(f"one work item of {rows} x {length} = {n:,} elements, bf16 weights with Kahan compensation, "
           f"one thread, {reps} repeats in 5 batches (ns per element, fastest batch)")
     print(f"  sums of squares (w, u; every format)  {per_element(_sums, (w, c, wb, wb, gb), reps, n):.3f}")
+    x, y = rng.random(n).astype(np.float32), rng.random(n).astype(np.float32)
+    print(f"  the divider alone: 3 square roots + 1 division {per_element(_divider_phase1, (x, y, mb), reps, n):.3f}"
+          f"   1 division {per_element(_divider_phase2, (x, y, mb), reps, n):.3f}")
     for fmt in ("8bit", "4bit"):
         block = codec.BLOCK[fmt]
         nb, half = -(-length // block), (length + 1) // 2
