@@ -39,14 +39,14 @@ def _update_items(reps, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     for r in range(reps):
         KL.update_item(0, g.shape[0], length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, vb, qm, qv, 12345 + r,
                        lev, True, f32(1), f32(np.inf), f32(BETA1), f32(BETA2), f32(1 - BETA1), f32(1 - BETA2),
-                       f32(EPS), f32(WD), BIAS1, BIAS2, fmark)
+                       f32(EPS), f32(WD), BIAS1, BIAS2, fmark, 0, (0, 0))  # no next item
 
 
 @njit
 def _apply_items(reps, length, block, nb, half, mc, vc, ms, vs, w, c, new, qm, qv, lev, fmark, w_mark):
     for _ in range(reps):
         KL.apply_item(0, w.shape[0], length, block, nb, half, mc, vc, ms, vs, w, c, new, new, qm, qv, lev[2], lev[3],
-                      f32(EPS), f32(WD), BIAS1, BIAS2, f32(LR), KL.KAHAN, fmark)
+                      f32(EPS), f32(WD), BIAS1, BIAS2, f32(LR), KL.KAHAN, fmark, 0, (0, 0))
         KL.store_new(new, c, w, KL.KAHAN, w_mark)
 
 
@@ -55,13 +55,13 @@ def _elementwise_phase1(reps, g, mean, var, wb, gb, mb, vb, m_mark):
     for _ in range(reps):
         KL.update_elements(g, mean, var, wb, gb, mb, vb, m_mark, True, f32(1), f32(np.inf), f32(BETA1), f32(BETA2),
                            f32(1 - BETA1), f32(1 - BETA2), f32(EPS), f32(WD), BIAS1, BIAS2, 1.0 / BIAS1,
-                           1.0 / np.float64(BIAS2), True, True)
+                           1.0 / np.float64(BIAS2), True, True, 0, (0, 0))
 
 
 @njit
 def _elementwise_phase2(reps, w, c, mean, var, w_mark):
     for _ in range(reps):
-        KL.apply_elements_kahan_inplace(w, c, mean, var, f32(LR), f32(EPS), f32(WD), BIAS1, BIAS2, 1.0 / BIAS1,
+        KL.apply_elements_kahan_inplace(w, c, mean, var, 0, w.shape[0], f32(LR), f32(EPS), f32(WD), BIAS1, BIAS2, 1.0 / BIAS1,
                                         1.0 / np.float64(BIAS2), True, True, w_mark)
 
 

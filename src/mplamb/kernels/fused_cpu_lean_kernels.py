@@ -85,7 +85,11 @@ _TWO_M24 = np.float32(2.0 ** -24)
 # is compiled once, not inlined into every pass (compile time).  Within a work item a block is
 # addressed by (unsigned) offsets into the item's arrays, never by slices: numba raises and drops the
 # reference count of each array a block would create (an atomic call each), which in phase 2 cost
-# more than the block's arithmetic.
+# more than the block's arithmetic.  Memory: the gradients and codes are asked for a block ahead
+# (:data:`PREFETCH`), and the compute loops of a work item ask for the next item's weights (element-wise:
+# and its gradients and moments) as they go, so that item's first loops, which stream them with little to
+# compute, find them in L2 (:func:`prefetch_ahead`); element-wise chunks compute in spans of :data:`SPAN`
+# for this.
 
 
 # ------------------------------------------------------------------ element helpers
@@ -124,6 +128,99 @@ def prefetch(typingctx, arr, idx):
         return context.get_dummy_value()
 
     return types.none(arr, idx), codegen
+
+
+@intrinsic
+def prefetch_address(typingctx, address):
+    """Ask L2 for the cache line at the integer ``address`` (``llvm.prefetch``, locality 2): a hint only, it never
+    faults and never changes a result."""
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.globals.get("llvm.prefetch.p0i8")
+        if fn is None:
+            fn = ir.Function(builder.module, fnty, name="llvm.prefetch.p0i8")
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, 2),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(types.int64), codegen
+
+
+def itemsize(mark):  # pragma: no cover - replaced by the overload below inside numba
+    raise NotImplementedError
+
+
+@overload(itemsize, inline="always")
+def _itemsize(mark):
+    """The bytes of one element of ``mark``'s type (a compile-time constant)."""
+    size = mark.bitwidth // 8
+    return lambda mark: size
+
+
+# The next work item.  A work item starts with loops over its weights (and, element-wise, its moments) with
+# little to compute meanwhile; numba's ``prange`` hands each thread a contiguous range of items, so a thread's
+# next item is the one after its current one, and the compute loops of the current item ask for the next
+# item's lines in step with their own progress (a block or a span at a time): the next item then starts from
+# L2.  The streams are integer addresses, so asking costs no reference counting (arrays passed inline do); the
+# functions that find them are called, not inlined, in the parallel loops (numba's array analysis of a parallel
+# loop fails on their inlined tuples).
+
+@njit(cache=True)
+def next_item(k, item_tensor, item_start, item_len):
+    """``(tensor, first element, elements)`` of work item ``k + 1`` (0 elements after the last item)."""
+    k = np.int64(k)  # prange's index may be unsigned: int64 arithmetic, not float64
+    last = k + 1 >= item_tensor.shape[0]
+    j = k if last else k + 1
+    return item_tensor[j], item_start[j], 0 if last else item_len[j]
+
+
+@njit(inline="always")
+def stream(addresses, i, e0, mark, wanted):
+    """``(address, bytes per element)`` of element ``e0`` of tensor ``i`` (``mark``'s type), ``(0, 0)`` unless
+    ``wanted``."""
+    size = itemsize(mark)
+    return (addresses[i] + e0 * size, size) if wanted else (np.int64(0), np.int64(0))
+
+
+@njit(cache=True)
+def weight_streams(i, e0, w_addr, c_addr, mst_addr, w_mark, wmode):
+    """The weight inputs ``wmode`` reads, from element ``e0`` of tensor ``i``: the weights (not with a master),
+    the compensations (Kahan), the masters."""
+    wa, ws = stream(w_addr, i, e0, w_mark, wmode != MASTER)
+    ca, cs = stream(c_addr, i, e0, w_mark, wmode == KAHAN)
+    ma, ms = stream(mst_addr, i, e0, np.float32(0), wmode == MASTER)
+    return wa, ws, ca, cs, ma, ms
+
+
+@njit(cache=True)
+def elementwise_streams(k, chunk_tensor, chunk_start, chunk_len, w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr,
+                        w_mark, g_mark, m_mark, wmode, gradients):
+    """``(elements, streams)`` of element-wise chunk ``k + 1``: its weight inputs (:func:`weight_streams`), its
+    gradients (with ``gradients``) and its stored moments."""
+    i, e0, count = next_item(k, chunk_tensor, chunk_start, chunk_len)
+    ga, gs = stream(g_addr, i, e0, g_mark, gradients)
+    ma, ms = stream(m_addr, i, e0, m_mark, True)
+    va, vs = stream(v_addr, i, e0, m_mark, True)
+    return count, weight_streams(i, e0, w_addr, c_addr, mst_addr, w_mark, wmode) + (ga, gs, ma, ms, va, vs)
+
+
+@njit(inline="always")
+def prefetch_ahead(count, streams, off, n):
+    """Ask L2 for elements ``off .. off+n-1`` (those below ``count``) of each stream ``(address, bytes per
+    element)`` of ``streams`` (flat pairs)."""
+    stop = min(off + n, count)
+    if off < stop:
+        for s in range(len(streams) // 2):
+            a, size = streams[2 * s], streams[2 * s + 1]
+            for b in range(off * size, stop * size, 64):
+                prefetch_address(a + b)
+
+
+# The element-wise formats' compute loops run in spans of SPAN elements, each span asking for its part of
+# the next chunk (prefetch_ahead).
+SPAN = 512
 
 
 @njit(inline="always")
@@ -191,23 +288,22 @@ def direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var):
 
 
 @njit(cache=True, error_model="numpy")
-def directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var):
-    """``gb[j] = direction(load(mb[j]), load(vb[j]), wb[j])`` (``mb``/``vb``: float32 scratch or the stored
-    moments): the regime is tested once, each case a loop of its own with the regime a compile-time
-    constant (:func:`.fused_cpu_kernels._direction`)."""
+def directions(mb, vb, wb, gb, lo, hi, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var):
+    """``gb[j] = direction(load(mb[j]), load(vb[j]), wb[j])`` for ``lo <= j < hi`` (``mb``/``vb``: float32
+    scratch or the stored moments): the regime is tested once, each case a loop of its own with the regime a
+    compile-time constant (:func:`.fused_cpu_kernels._direction`)."""
     wide_vectors()
-    n = gb.shape[0]
     if div_mean and div_var:
-        for j in range(n):
+        for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
             gb[j] = _direction(load(mb[j]), load(vb[j]), wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_BOTH)
     elif div_var and not div_mean:
-        for j in range(n):
+        for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
             gb[j] = _direction(load(mb[j]), load(vb[j]), wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_VAR)
     elif not div_var and not div_mean:
-        for j in range(n):
+        for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
             gb[j] = _direction(load(mb[j]), load(vb[j]), wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_NONE)
     else:  # the mean divided, the var not: no launcher asks for it
-        for j in range(n):
+        for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
             gb[j] = direction(load(mb[j]), load(vb[j]), wb[j], eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
 
 
@@ -343,11 +439,12 @@ def write_weights(wb, gb, step, mst, c, o, wmode, w_mark):
 
 @njit(cache=True, error_model="numpy")
 def update_elements(g, mean, var, wb, gb, mb, vb, m_mark, write, rescale, clip, b1, b2, omb1, omb2, eps, wd,
-                    bias1, bias2, inv1, inv2, div_mean, div_var):
+                    bias1, bias2, inv1, inv2, div_mean, div_var, count, streams):
     """One chunk of the element-wise formats (slices ``g``/``mean``/``var``): ``gb`` = the directions from
     the new moments rounded to the format, ``wb`` the effective weights.  With ``write`` the rounded
     moments are stored and the directions read back from the storage; dry, they are rounded in place
-    in the scratch ``mb``/``vb``."""
+    in the scratch ``mb``/``vb``.  The directions run in spans of :data:`SPAN`, each asking for its part of
+    the next chunk (``count`` elements, ``streams``: :func:`prefetch_ahead`)."""
     wide_vectors()
     n = wb.shape[0]
     for j in range(n):
@@ -357,11 +454,16 @@ def update_elements(g, mean, var, wb, gb, mb, vb, m_mark, write, rescale, clip, 
     if write:
         store_all(mb, mean, m_mark)
         store_all(vb, var, m_mark)
-        directions(mean, var, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
     else:
         round_all(mb, m_mark)
         round_all(vb, m_mark)
-        directions(mb, vb, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+    for lo in range(0, n, SPAN):
+        span = min(SPAN, n - lo)
+        prefetch_ahead(count, streams, lo, span)
+        if write:
+            directions(mean, var, wb, gb, lo, lo + span, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+        else:
+            directions(mb, vb, wb, gb, lo, lo + span, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -386,19 +488,22 @@ def phase1_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, si
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
         bias1, bias2, inv1, inv2 = bias[i, 0], cast_like(bias[i, 1], eps), bias[i, 2], bias[i, 3]
         tid = get_thread_id()
+        count, streams = elementwise_streams(k, chunk_tensor, chunk_start, chunk_len, w_addr, c_addr, mst_addr,
+                                             g_addr, m_addr, v_addr, w_mark, g_mark, m_mark, wmode, True)
         wb, gb = scratch[tid, 0, :n], scratch[tid, 1, :n]
         partial[k, 0] = effective_weights_sumsq(w, c, mst, wb, wmode)
         update_elements(g, mean, var, wb, gb, scratch[tid, 2, :n], scratch[tid, 3, :n], m_mark, write, rescale,
-                        clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+                        clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, count,
+                        streams)
         partial[k, 1] = sum_of_squares(gb)
         partial[k, 2] = 0.0 if write else sum_of_squares(g)
 
 
 @njit(inline="always")
-def _kahan_elements(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, regime, w_mark):
-    """Phase 2 of an element-wise chunk with Kahan weights, one loop: ``new = w - step * g`` from the stored
-    moments, ``o = p = RN(new)``, ``c = RN(new - float32(p))`` (``o`` may be ``w`` itself)."""
-    for j in range(c.shape[0]):
+def _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, regime, w_mark):
+    """Phase 2 of elements ``lo .. hi-1`` of an element-wise chunk with Kahan weights, one loop: ``new = w - step *
+    g`` from the stored moments, ``o = p = RN(new)``, ``c = RN(new - float32(p))`` (``o`` may be ``w`` itself)."""
+    for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
         wj = load(w[j]) + load(c[j])
         new = wj - step * _direction(load(mean[j]), load(var[j]), wj, eps, wd, bias1, bias2, inv1, inv2, regime)
         p = rounded(new, w_mark)
@@ -407,16 +512,16 @@ def _kahan_elements(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2,
 
 
 @njit(inline="always")
-def _kahan_regimes(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark):
+def _kahan_regimes(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark):
     """:func:`_kahan_elements` with the bias-correction regime a compile-time constant (as :func:`directions`)."""
     if div_mean and div_var:
-        _kahan_elements(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_BOTH, w_mark)
+        _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_BOTH, w_mark)
     elif div_var and not div_mean:
-        _kahan_elements(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_VAR, w_mark)
+        _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_VAR, w_mark)
     elif not div_var and not div_mean:
-        _kahan_elements(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_NONE, w_mark)
+        _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_NONE, w_mark)
     else:  # the mean divided, the var not: no launcher asks for it
-        for j in range(c.shape[0]):
+        for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
             wj = load(w[j]) + load(c[j])
             new = wj - step * direction(load(mean[j]), load(var[j]), wj, eps, wd, bias1, bias2, inv1, inv2,
                                         div_mean, div_var)
@@ -426,19 +531,20 @@ def _kahan_regimes(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, 
 
 
 @njit(cache=True, error_model="numpy")
-def apply_elements_kahan(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark):
+def apply_elements_kahan(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var,
+                         w_mark):
     """:func:`_kahan_elements` into a separate output ``o``."""
     wide_vectors()
-    _kahan_regimes(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark)
+    _kahan_regimes(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark)
 
 
 @njit(cache=True, error_model="numpy")
-def apply_elements_kahan_inplace(w, c, mean, var, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var,
-                                 w_mark):
+def apply_elements_kahan_inplace(w, c, mean, var, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean,
+                                 div_var, w_mark):
     """:func:`_kahan_elements` with ``o`` the weights ``w``: one array read and written, so LLVM needs no
     run-time aliasing check to vectorise the loop."""
     wide_vectors()
-    _kahan_regimes(w, c, mean, var, w, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark)
+    _kahan_regimes(w, c, mean, var, w, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -463,20 +569,28 @@ def phase2_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, o_
         step = cast_like(steps[i], eps)
         tid = get_thread_id()
         wb, gb, mb, vb = scratch[tid, 0, :n], scratch[tid, 1, :n], scratch[tid, 2, :n], scratch[tid, 3, :n]
-        if wmode == KAHAN and not recompute:
-            if o_addr[i] == w_addr[i]:
-                apply_elements_kahan_inplace(w, c, mean, var, step, eps, wd, bias1, bias2, inv1, inv2, div_mean,
-                                             div_var, w_mark)
-            else:
-                apply_elements_kahan(w, c, mean, var, o, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var,
-                                     w_mark)
+        if wmode == KAHAN and not recompute:  # in spans, each asking for its part of the next chunk
+            count, streams = elementwise_streams(k, chunk_tensor, chunk_start, chunk_len, w_addr, c_addr, mst_addr,
+                                                 g_addr, m_addr, v_addr, w_mark, g_mark, m_mark, wmode, False)
+            inplace = o_addr[i] == w_addr[i]
+            for lo in range(0, n, SPAN):
+                span = min(SPAN, n - lo)
+                prefetch_ahead(count, streams, lo, span)
+                if inplace:
+                    apply_elements_kahan_inplace(w, c, mean, var, lo, lo + span, step, eps, wd, bias1, bias2, inv1,
+                                                 inv2, div_mean, div_var, w_mark)
+                else:
+                    apply_elements_kahan(w, c, mean, var, o, lo, lo + span, step, eps, wd, bias1, bias2, inv1, inv2,
+                                         div_mean, div_var, w_mark)
             continue
         effective_weights(w, c, mst, wb, wmode)
         if recompute:
+            count, streams = elementwise_streams(k, chunk_tensor, chunk_start, chunk_len, w_addr, c_addr, mst_addr,
+                                                 g_addr, m_addr, v_addr, w_mark, g_mark, m_mark, wmode, True)
             update_elements(g, mean, var, wb, gb, mb, vb, m_mark, True, rescale, clip, b1, b2, omb1, omb2, eps, wd,
-                            bias1, bias2, inv1, inv2, div_mean, div_var)
+                            bias1, bias2, inv1, inv2, div_mean, div_var, count, streams)
         else:
-            directions(mean, var, wb, gb, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+            directions(mean, var, wb, gb, 0, n, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
         write_weights(wb, gb, step, mst, c, o, wmode, w_mark)
 
 
@@ -691,23 +805,24 @@ def store_new(nb, c, o, wmode, w_mark):
 
 @njit(cache=True, error_model="numpy")
 def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, qm, qv, inv_n, inv_k, eps, wd, bias1,
-               bias2, step, wmode, fmark):
+               bias2, step, wmode, fmark, count, streams):
     """Phase 2 of the work item of elements ``e0 .. e0+ne-1`` (whole blocks) from the stored codes and scales up
     to the rounding stores: :func:`apply_block_kahan` (or its master or plain twin) per block into ``new[:ne]``
     (``w``/``c``/``mst``: the item's slices; ``qm``/``qv``, a block, are scratch for the unpacked 4-bit codes:
-    :func:`unpack_codes`)."""
+    :func:`unpack_codes`; ``count``/``streams``: the next item's weights, :func:`prefetch_ahead`)."""
     wide_vectors()
     r, col, si = first_block(e0, length, block, nb)
     e = e0
     while e < e0 + ne:
         n, base = block_at(r, col, e, length, block, half, fmark)
         off = e - e0
-        ahead = e + PREFETCH
-        cahead = ahead >> 1 if packed(fmark) else ahead
+        cahead = e + PREFETCH
+        cahead = cahead >> 1 if packed(fmark) else cahead
         if cahead + block <= mc.shape[0]:
             for q in range(0, block, 64):
                 prefetch(mc, cahead + q)
                 prefetch(vc, cahead + q)
+        prefetch_ahead(count, streams, off, n)
         am, sb = block_factors(ms[si], vs[si], bias1, bias2)
         if packed(fmark):
             unpack_codes(mc, vc, base, n, qm, qv)
@@ -729,13 +844,14 @@ def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, 
 
 @njit(cache=True, error_model="numpy")
 def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, vb, qm, qv, seed, lev, write,
-                rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, fmark):
+                rescale, clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, fmark, count, streams):
     """Phase 1 of the work item of elements ``e0 .. e0+ne-1`` (whole blocks; the stages of the module
     docstring) block by block, given its effective weights ``wb[:ne]``: ``gb[:ne]`` receives the
     directions from the new codes; with ``write`` each block's codes and scales are overwritten once
     its old codes were read.  ``mb``/``vb`` (``ne``) and ``qm``/``qv`` (a block; 8-bit) are scratch.  4-bit
     codes are decoded from the bytes in place, the low nibbles (the block's first ``ceil(n / 2)``
-    elements) in one loop and the high ones in another.  The stages are inlined and address the block by
+    elements) in one loop and the high ones in another.  ``count``/``streams``: the next item's weights,
+    asked for block by block (:func:`prefetch_ahead`).  The stages are inlined and address the block by
     unsigned offsets into the item's arrays: no slice per block, so numba has no reference count to raise
     and drop per block (see :func:`apply_block_kahan`)."""
     wide_vectors()
@@ -745,15 +861,16 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     while e < e0 + ne:
         n, base = block_at(r, col, e, length, block, half, fmark)
         off = e - e0
-        ahead = e + PREFETCH
-        if ahead + block <= g.shape[0]:
+        gahead = e + PREFETCH
+        if gahead + block <= g.shape[0]:
             for q in range(0, block, 32):
-                prefetch(g, ahead + q)
-            cahead = ahead >> 1 if packed(fmark) else ahead
+                prefetch(g, gahead + q)
+            cahead = gahead >> 1 if packed(fmark) else gahead
             if cahead + block <= mc.shape[0]:
                 for q in range(0, block, 64):
                     prefetch(mc, cahead + q)
                     prefetch(vc, cahead + q)
+        prefetch_ahead(count, streams, off, n)
         h = code_bytes(n, fmark)
         ia, ib = update_block(mc, vc, base, 0, g, e, mb, vb, off, h, ms[si], vs[si], inv_n, inv_k, rescale, clip, b1,
                               b2, omb1, omb2, fmark)
@@ -808,11 +925,13 @@ def phase1_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
         bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
         tid = get_thread_id()
+        i2, e2, count = next_item(k, item_tensor, item_start, item_len)
+        streams = weight_streams(i2, e2, w_addr, c_addr, mst_addr, w_mark, wmode)
         wb, gb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
         partial[k, 0] = effective_weights_sumsq(w, c, mst, wb, wmode)
         update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, fscratch[tid, 2, :ne],
                     fscratch[tid, 3, :ne], iscratch[tid, 0], iscratch[tid, 1], seeds[i], lev, write, rescale, clip,
-                    b1, b2, omb1, omb2, eps, wd, bias1, bias2, fmark)
+                    b1, b2, omb1, omb2, eps, wd, bias1, bias2, fmark, count, streams)
         partial[k, 1] = sum_of_squares(gb)
         partial[k, 2] = 0.0 if write else sum_of_squares(g[e0:e0 + ne])
 
@@ -839,15 +958,17 @@ def phase2_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
         bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
         step = cast_like(steps[i], eps)
         tid = get_thread_id()
+        i2, e2, count = next_item(k, item_tensor, item_start, item_len)
+        streams = weight_streams(i2, e2, w_addr, c_addr, mst_addr, w_mark, wmode)
         if recompute:
             wb, gb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
             effective_weights(w, c, mst, wb, wmode)
             update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, fscratch[tid, 2, :ne],
                         fscratch[tid, 3, :ne], iscratch[tid, 0], iscratch[tid, 1], seeds[i], lev, True, rescale, clip,
-                        b1, b2, omb1, omb2, eps, wd, bias1, bias2, fmark)
+                        b1, b2, omb1, omb2, eps, wd, bias1, bias2, fmark, count, streams)
             write_weights(wb, gb, step, mst, c, o, wmode, w_mark)
         else:
             nw = fscratch[tid, 0, :ne]
             apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, nw, iscratch[tid, 0],
-                       iscratch[tid, 1], lev[2], lev[3], eps, wd, bias1, bias2, step, wmode, fmark)
+                       iscratch[tid, 1], lev[2], lev[3], eps, wd, bias1, bias2, step, wmode, fmark, count, streams)
             store_new(nw, c, o, wmode, w_mark)
