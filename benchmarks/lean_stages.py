@@ -61,8 +61,8 @@ def _elementwise_phase1(reps, g, mean, var, wb, gb, mb, vb, m_mark):
 @njit
 def _elementwise_phase2(reps, w, c, mean, var, w_mark):
     for _ in range(reps):
-        KL.apply_elements_kahan_inplace(w, c, mean, var, 0, w.shape[0], f32(LR), f32(EPS), f32(WD), BIAS1, BIAS2, 1.0 / BIAS1,
-                                        1.0 / np.float64(BIAS2), True, True, w_mark)
+        KL.apply_elements_kahan_inplace(w, c, mean, var, 0, w.shape[0], f32(LR), f32(EPS), f32(WD), BIAS1, BIAS2,
+                                        1.0 / BIAS1, 1.0 / np.float64(BIAS2), True, True, w_mark)
 
 
 @njit(error_model="numpy")
