@@ -813,6 +813,7 @@ def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, 
     wide_vectors()
     r, col, si = first_block(e0, length, block, nb)
     e = e0
+    asked = 0
     while e < e0 + ne:
         n, base = block_at(r, col, e, length, block, half, fmark)
         off = e - e0
@@ -822,7 +823,9 @@ def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, 
             for q in range(0, block, 64):
                 prefetch(mc, cahead + q)
                 prefetch(vc, cahead + q)
-        prefetch_ahead(count, streams, off, n)
+        if off >= asked:  # the next item's part at this offset, a span at a time (fewer, longer requests)
+            prefetch_ahead(count, streams, asked, SPAN)
+            asked += SPAN
         am, sb = block_factors(ms[si], vs[si], bias1, bias2)
         if packed(fmark):
             unpack_codes(mc, vc, base, n, qm, qv)
@@ -858,6 +861,7 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     n_levels, k_levels, inv_n, inv_k = lev[0], lev[1], lev[2], lev[3]
     r, col, si = first_block(e0, length, block, nb)
     e = e0
+    asked = 0
     while e < e0 + ne:
         n, base = block_at(r, col, e, length, block, half, fmark)
         off = e - e0
@@ -870,7 +874,9 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
                 for q in range(0, block, 64):
                     prefetch(mc, cahead + q)
                     prefetch(vc, cahead + q)
-        prefetch_ahead(count, streams, off, n)
+        if off >= asked:  # the next item's part at this offset, a span at a time (fewer, longer requests)
+            prefetch_ahead(count, streams, asked, SPAN)
+            asked += SPAN
         h = code_bytes(n, fmark)
         ia, ib = update_block(mc, vc, base, 0, g, e, mb, vb, off, h, ms[si], vs[si], inv_n, inv_k, rescale, clip, b1,
                               b2, omb1, omb2, fmark)
