@@ -112,19 +112,25 @@ def _mix32(typingctx, j, seed):
     return types.int32(types.int64, types.int64), codegen
 
 
+def _llvm_prefetch(builder, pointer, locality: int) -> None:
+    """Emit ``llvm.prefetch(pointer, read, locality, data cache)``: a hint only, it never faults and never changes
+    a result."""
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fn = builder.module.globals.get("llvm.prefetch.p0i8")
+    if fn is None:
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = ir.Function(builder.module, fnty, name="llvm.prefetch.p0i8")
+    builder.call(fn, [builder.bitcast(pointer, i8p) if pointer.type != i8p else pointer, ir.Constant(i32, 0),
+                      ir.Constant(i32, locality), ir.Constant(i32, 1)])
+
+
 @intrinsic
 def prefetch(typingctx, arr, idx):
-    """Prefetch the cache line of ``arr[idx]`` (``llvm.prefetch``: read, high locality); no effect on results."""
+    """Prefetch the cache line of ``arr[idx]`` into every cache level (high locality); no effect on results."""
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
-        ptr = builder.gep(ary.data, [args[1]])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = builder.module.globals.get("llvm.prefetch.p0i8")
-        if fn is None:
-            fn = ir.Function(builder.module, fnty, name="llvm.prefetch.p0i8")
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        _llvm_prefetch(builder, builder.gep(ary.data, [args[1]]), 3)
         return context.get_dummy_value()
 
     return types.none(arr, idx), codegen
@@ -132,17 +138,9 @@ def prefetch(typingctx, arr, idx):
 
 @intrinsic
 def prefetch_address(typingctx, address):
-    """Ask L2 for the cache line at the integer ``address`` (``llvm.prefetch``, locality 2): a hint only, it never
-    faults and never changes a result."""
+    """Ask L2 for the cache line at the integer ``address`` (locality 2); no effect on results."""
     def codegen(context, builder, sig, args):
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = builder.module.globals.get("llvm.prefetch.p0i8")
-        if fn is None:
-            fn = ir.Function(builder.module, fnty, name="llvm.prefetch.p0i8")
-        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, 2),
-                          ir.Constant(i32, 1)])
+        _llvm_prefetch(builder, builder.inttoptr(args[0], ir.IntType(8).as_pointer()), 2)
         return context.get_dummy_value()
 
     return types.none(types.int64), codegen
@@ -659,14 +657,23 @@ def code_bytes(n, fmark):
 
 
 @njit(error_model="numpy")
+def coded_update(q_m, q_v, w, am, sb, inv_n, inv_k, eps, wd):
+    """The update of one element from its integer codes ``q_m``/``q_v`` and effective weight ``w``, with its block's
+    factors ``am``/``sb`` (:func:`block_factors`): ``((t_m * |t_m|) * a') / ((t_v * t_v) * s' + eps) + w * wd``,
+    ``t_m = q_m * RN(1/N)``, ``t_v = (q_v + 1) * (1/K)`` (:func:`mplamb.kernels.reference.blocked_direction`).  A
+    function of its own, which LLVM inlines (numba's IR inliner mishandles several inlined copies)."""
+    tm = np.float32(q_m) * inv_n
+    tv = (np.float32(q_v) + np.float32(1.0)) * inv_k
+    return ((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + w * wd
+
+
+@njit(error_model="numpy")
 def encoded_update(m, v, w, j, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps, wd):
     """``(q_m, q_v, u)`` of element ``j`` of a block: its new codes and the update they give (a function of its
     own, which LLVM inlines: numba's IR inliner mishandles several inlined copies in one function)."""
     q_m = encode_mean(m, ra, n_levels)
     q_v = encode_var(v, rb, k_levels, dither(j, block_seed))
-    tm = np.float32(q_m) * inv_n
-    tv = (np.float32(q_v) + np.float32(1.0)) * inv_k
-    return q_m, q_v, ((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + w * wd
+    return q_m, q_v, coded_update(q_m, q_v, w, am, sb, inv_n, inv_k, eps, wd)
 
 
 @njit(error_model="numpy")
@@ -717,9 +724,7 @@ def encode_bytes(mb, vb, wb, gb, off, qm, qv, n, ra, rb, n_levels, k_levels, blo
     for j in range(np.uint64(n)):
         qv[j] = encode_var(vb[uo + j], rb, k_levels, dither(j, block_seed))
     for j in range(np.uint64(n)):
-        tm = np.float32(qm[j]) * inv_n
-        tv = (np.float32(qv[j]) + np.float32(1.0)) * inv_k
-        gb[uo + j] = ((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wb[uo + j] * wd
+        gb[uo + j] = coded_update(qm[j], qv[j], wb[uo + j], am, sb, inv_n, inv_k, eps, wd)
 
 
 @njit(inline="always")
@@ -760,10 +765,8 @@ def apply_block_kahan(cm, cv, cb, n, w, c, nb, off, am, sb, inv_n, inv_k, eps, w
     wide_vectors()
     uo, uc = np.uint64(off), np.uint64(cb)
     for j in range(np.uint64(n)):
-        tm = np.float32(cm[uc + j]) * inv_n
-        tv = (np.float32(cv[uc + j]) + np.float32(1.0)) * inv_k
         wj = load(w[uo + j]) + load(c[uo + j])
-        nb[uo + j] = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
+        nb[uo + j] = wj - step * coded_update(cm[uc + j], cv[uc + j], wj, am, sb, inv_n, inv_k, eps, wd)
 
 
 @njit(error_model="numpy")
@@ -772,10 +775,8 @@ def apply_block_master(cm, cv, cb, n, mst, nb, off, am, sb, inv_n, inv_k, eps, w
     wide_vectors()
     uo, uc = np.uint64(off), np.uint64(cb)
     for j in range(np.uint64(n)):
-        tm = np.float32(cm[uc + j]) * inv_n
-        tv = (np.float32(cv[uc + j]) + np.float32(1.0)) * inv_k
         wj = mst[uo + j]
-        new = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
+        new = wj - step * coded_update(cm[uc + j], cv[uc + j], wj, am, sb, inv_n, inv_k, eps, wd)
         nb[uo + j] = new
         mst[uo + j] = new
 
@@ -786,10 +787,8 @@ def apply_block_plain(cm, cv, cb, n, w, nb, off, am, sb, inv_n, inv_k, eps, wd, 
     wide_vectors()
     uo, uc = np.uint64(off), np.uint64(cb)
     for j in range(np.uint64(n)):
-        tm = np.float32(cm[uc + j]) * inv_n
-        tv = (np.float32(cv[uc + j]) + np.float32(1.0)) * inv_k
         wj = load(w[uo + j])
-        nb[uo + j] = wj - step * (((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + wj * wd)
+        nb[uo + j] = wj - step * coded_update(cm[uc + j], cv[uc + j], wj, am, sb, inv_n, inv_k, eps, wd)
 
 
 @njit(cache=True, error_model="numpy")
