@@ -217,8 +217,11 @@ def prefetch_ahead(count, streams, off, n):
 
 
 # The element-wise formats' compute loops run in spans of SPAN elements, each span asking for its part of
-# the next chunk (prefetch_ahead).
+# the next chunk (prefetch_ahead); the blocked formats' block loops ask for AHEAD elements of the next item
+# whenever they pass that many (every 8-bit block, every other 4-bit block: as fast in a whole step as every
+# block, and less work in cache).
 SPAN = 512
+AHEAD = 256
 
 
 @njit(inline="always")
@@ -822,9 +825,9 @@ def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, 
             for q in range(0, block, 64):
                 prefetch(mc, cahead + q)
                 prefetch(vc, cahead + q)
-        if off >= asked:  # the next item's part at this offset, a span at a time (fewer, longer requests)
-            prefetch_ahead(count, streams, asked, SPAN)
-            asked += SPAN
+        if off >= asked:  # the next item's part at this offset, AHEAD elements at a time
+            prefetch_ahead(count, streams, asked, AHEAD)
+            asked += AHEAD
         am, sb = block_factors(ms[si], vs[si], bias1, bias2)
         if packed(fmark):
             unpack_codes(mc, vc, base, n, qm, qv)
@@ -873,9 +876,9 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
                 for q in range(0, block, 64):
                     prefetch(mc, cahead + q)
                     prefetch(vc, cahead + q)
-        if off >= asked:  # the next item's part at this offset, a span at a time (fewer, longer requests)
-            prefetch_ahead(count, streams, asked, SPAN)
-            asked += SPAN
+        if off >= asked:  # the next item's part at this offset, AHEAD elements at a time
+            prefetch_ahead(count, streams, asked, AHEAD)
+            asked += AHEAD
         h = code_bytes(n, fmark)
         ia, ib = update_block(mc, vc, base, 0, g, e, mb, vb, off, h, ms[si], vs[si], inv_n, inv_k, rescale, clip, b1,
                               b2, omb1, omb2, fmark)
