@@ -3,9 +3,10 @@
 Run: ``python benchmarks/lean_kernels_ab.py --against REV [--moments 8bit,4bit,bf16] [--rounds 21]``.
 BERT-base shapes (109.5M parameters, bf16 weights with Kahan compensation, random gradients), one optimizer per
 kernel version and torch's fused AdamW (float32) beside them; each round steps the three in turn (the two
-versions swap places every round), so both see the same state of the machine.  Prints the medians and the median of the per-round ratios
-(this checkout / ``REV``).  ``REV``'s ``src/mplamb/kernels/fused_cpu_lean_kernels.py`` is loaded as a module of
-this package (its launcher, the rest of mplamb, is this checkout's), so the two must take the same arguments.
+versions swap places every round), so both see the same state of the machine.  Prints the medians and the median
+of the per-round ratios (this checkout / ``REV``).  ``REV``'s ``src/mplamb/kernels/fused_cpu_lean_kernels.py`` is
+loaded as a module of this package (its launcher, the rest of mplamb, is this checkout's), so the two must take the
+same arguments.
 """
 from __future__ import annotations
 

@@ -160,10 +160,10 @@ def _itemsize(mark):
 # The next work item.  A work item starts with loops over its weights (and, element-wise, its moments) with
 # little to compute meanwhile; numba's ``prange`` hands each thread a contiguous range of items, so a thread's
 # next item is the one after its current one, and the compute loops of the current item ask for the next
-# item's lines in step with their own progress (a block or a span at a time): the next item then starts from
-# L2.  The streams are integer addresses, so asking costs no reference counting (arrays passed inline do); the
-# functions that find them are called, not inlined, in the parallel loops (numba's array analysis of a parallel
-# loop fails on their inlined tuples).
+# item's lines in step with their own progress (:data:`AHEAD` or :data:`SPAN` elements at a time): the next
+# item then starts from L2.  The streams are integer addresses, so asking costs no reference counting (arrays
+# passed inline do); the functions that find them are called, not inlined, in the parallel loops (numba's array
+# analysis of a parallel loop fails on their inlined tuples).
 
 @njit(cache=True)
 def next_item(k, item_tensor, item_start, item_len):
@@ -190,6 +190,14 @@ def weight_streams(i, e0, w_addr, c_addr, mst_addr, w_mark, wmode):
     ca, cs = stream(c_addr, i, e0, w_mark, wmode == KAHAN)
     ma, ms = stream(mst_addr, i, e0, np.float32(0), wmode == MASTER)
     return wa, ws, ca, cs, ma, ms
+
+
+@njit(cache=True)
+def next_weight_streams(k, item_tensor, item_start, item_len, w_addr, c_addr, mst_addr, w_mark, wmode):
+    """``(elements, streams)`` of work item ``k + 1``: its weight inputs (:func:`weight_streams`), what the
+    blocked formats ask for ahead (their gradients and codes are asked for a block ahead instead)."""
+    i, e0, count = next_item(k, item_tensor, item_start, item_len)
+    return count, weight_streams(i, e0, w_addr, c_addr, mst_addr, w_mark, wmode)
 
 
 @njit(cache=True)
@@ -819,8 +827,8 @@ def apply_item(e0, ne, length, block, nb, half, mc, vc, ms, vs, w, c, mst, new, 
     while e < e0 + ne:
         n, base = block_at(r, col, e, length, block, half, fmark)
         off = e - e0
-        cahead = e + PREFETCH
-        cahead = cahead >> 1 if packed(fmark) else cahead
+        ahead = e + PREFETCH
+        cahead = ahead >> 1 if packed(fmark) else ahead
         if cahead + block <= mc.shape[0]:
             for q in range(0, block, 64):
                 prefetch(mc, cahead + q)
@@ -856,9 +864,9 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     its old codes were read.  ``mb``/``vb`` (``ne``) and ``qm``/``qv`` (a block; 8-bit) are scratch.  4-bit
     codes are decoded from the bytes in place, the low nibbles (the block's first ``ceil(n / 2)``
     elements) in one loop and the high ones in another.  ``count``/``streams``: the next item's weights,
-    asked for block by block (:func:`prefetch_ahead`).  The stages are inlined and address the block by
-    unsigned offsets into the item's arrays: no slice per block, so numba has no reference count to raise
-    and drop per block (see :func:`apply_block_kahan`)."""
+    asked for :data:`AHEAD` elements at a time (:func:`prefetch_ahead`).  The stages are inlined and address
+    the block by unsigned offsets into the item's arrays: no slice per block, so numba has no reference count to
+    raise and drop per block (see :func:`apply_block_kahan`)."""
     wide_vectors()
     n_levels, k_levels, inv_n, inv_k = lev[0], lev[1], lev[2], lev[3]
     r, col, si = first_block(e0, length, block, nb)
@@ -867,11 +875,11 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     while e < e0 + ne:
         n, base = block_at(r, col, e, length, block, half, fmark)
         off = e - e0
-        gahead = e + PREFETCH
-        if gahead + block <= g.shape[0]:
+        ahead = e + PREFETCH
+        if ahead + block <= g.shape[0]:
             for q in range(0, block, 32):
-                prefetch(g, gahead + q)
-            cahead = gahead >> 1 if packed(fmark) else gahead
+                prefetch(g, ahead + q)
+            cahead = ahead >> 1 if packed(fmark) else ahead
             if cahead + block <= mc.shape[0]:
                 for q in range(0, block, 64):
                     prefetch(mc, cahead + q)
@@ -933,8 +941,8 @@ def phase1_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
             scal[i, 4], scal[i, 5], scal[i, 6], scal[i, 7]
         bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
         tid = get_thread_id()
-        i2, e2, count = next_item(k, item_tensor, item_start, item_len)
-        streams = weight_streams(i2, e2, w_addr, c_addr, mst_addr, w_mark, wmode)
+        count, streams = next_weight_streams(k, item_tensor, item_start, item_len, w_addr, c_addr, mst_addr, w_mark,
+                                             wmode)
         wb, gb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
         partial[k, 0] = effective_weights_sumsq(w, c, mst, wb, wmode)
         update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, fscratch[tid, 2, :ne],
@@ -966,8 +974,8 @@ def phase2_blocked_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, ms_add
         bias1, bias2 = bias[i, 0], cast_like(bias[i, 1], eps)
         step = cast_like(steps[i], eps)
         tid = get_thread_id()
-        i2, e2, count = next_item(k, item_tensor, item_start, item_len)
-        streams = weight_streams(i2, e2, w_addr, c_addr, mst_addr, w_mark, wmode)
+        count, streams = next_weight_streams(k, item_tensor, item_start, item_len, w_addr, c_addr, mst_addr, w_mark,
+                                             wmode)
         if recompute:
             wb, gb = fscratch[tid, 0, :ne], fscratch[tid, 1, :ne]
             effective_weights(w, c, mst, wb, wmode)
