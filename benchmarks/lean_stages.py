@@ -55,14 +55,14 @@ def _elementwise_phase1(reps, g, mean, var, wb, gb, mb, vb, m_mark):
     for _ in range(reps):
         KL.update_elements(g, mean, var, wb, gb, mb, vb, m_mark, True, f32(1), f32(np.inf), f32(BETA1), f32(BETA2),
                            f32(1 - BETA1), f32(1 - BETA2), f32(EPS), f32(WD), BIAS1, BIAS2, 1.0 / BIAS1,
-                           1.0 / np.float64(BIAS2), True, True, 0, (0, 0))
+                           1.0 / np.float64(BIAS2), True, True, True, 0, (0, 0))
 
 
 @njit
 def _elementwise_phase2(reps, w, c, mean, var, w_mark):
     for _ in range(reps):
         KL.apply_elements_kahan_inplace(w, c, mean, var, 0, w.shape[0], f32(LR), f32(EPS), f32(WD), BIAS1, BIAS2,
-                                        1.0 / BIAS1, 1.0 / np.float64(BIAS2), True, True, w_mark)
+                                        1.0 / BIAS1, 1.0 / np.float64(BIAS2), True, True, True, w_mark)
 
 
 @njit(error_model="numpy")

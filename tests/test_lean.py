@@ -273,6 +273,29 @@ def test_the_update_is_the_one_the_stored_codes_give():
     torch.testing.assert_close(u, full, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("t", [3, 400])
+def test_bf16_moments_take_the_bias_corrections_as_per_tensor_factors_and_fp32_moments_the_full_state_update(t):
+    shapes = ((64, 80), (7,))
+    for fmt in ("bf16", "fp32"):
+        batch = lean_batch(fmt, True, shapes=shapes, t=t)
+        sc = batch.scalars[0]
+        w0 = [codec.effective_weight(w, c) for w, c in zip(batch.weights, batch.comps)]
+        res = run_step(reference, batch)
+        for i, shape in enumerate(shapes):
+            m = codec.decode_mean(batch.means[i], None, fmt, shape)
+            v = codec.decode_var(batch.vars[i], None, fmt, shape)
+            full = reference.direction(m, v, w0[i], sc)
+            if fmt == "fp32":
+                u = full
+            else:  # written out: (m * RN32(1/bias1)) / (sqrt(v) * sqrt(RN32(1/bias2)) + eps) + w * wd
+                a = torch.tensor(1.0 / sc.bias1, dtype=torch.float32)
+                s = torch.sqrt(torch.tensor(1.0, dtype=torch.float32) / sc.bias2)
+                u = (m * a) / (torch.sqrt(v) * s + sc.epsilon) + w0[i] * sc.wd
+                assert torch.equal(u, reference.factored_direction(m, v, w0[i], sc))
+                torch.testing.assert_close(u, full, rtol=1e-5, atol=0)  # the same update up to rounding
+            assert torch.equal(torch.sqrt(reference.sum_of_squares(u)), res.update_norms[i])
+
+
 # ----------------------------------------------------------------------------- the optimizer
 
 

@@ -57,7 +57,16 @@ stored state gives, and the one phase 2 applies.  For the blocked formats the up
 with ``t_m``, ``t_v`` the codes' ``t`` above (:func:`mean_unit`, :func:`var_root_unit`): the same value
 up to rounding, since ``sqrt(((t * t) * (t * t)) * b) = (t * t) * sqrt(b)``, with the bias corrections
 and the square root taken once per block instead of once per element (``bias1 = bias2 = 1`` without
-bias correction).  The element-wise formats use the full-state update of the decoded moments.
+bias correction).  The ``"bf16"`` format uses the same formula with one block of scales ``a = b = 1`` and
+the decoded moments for the units::
+
+    u = (m * a') / (sqrt(v) * s' + eps) + w * wd,
+    a' = RN32(float64(1) / bias1),   s' = sqrt(RN32(1 / bias2))             (once per tensor)
+
+so the bias corrections are two per-tensor factors instead of two divisions per element (the
+full-state update's float64 division of the mean, MXNet's arithmetic, is the costliest part of it).
+The ``"fp32"`` format keeps the full-state update of :func:`mplamb.kernels.reference.direction`
+exactly: fp32 moments step as a full-state LAMB does, whatever the weights.
 
 Kahan-compensated weights (``Lamb(master_weights="kahan")``)
 -------------------------------------------------------------
@@ -76,12 +85,13 @@ import torch
 
 from ._ieee import ieee_sqrt
 
-__all__ = ["FORMATS", "BLOCKED", "MIN_QUANTIZED_NUMEL", "BLOCK", "MEAN_LEVELS", "VAR_LEVELS", "storage_format",
+__all__ = ["FORMATS", "BLOCKED", "FACTORED", "MIN_QUANTIZED_NUMEL", "BLOCK", "MEAN_LEVELS", "VAR_LEVELS", "storage_format",
            "rows_and_length", "code_shape", "scale_shape", "encode_mean", "decode_mean", "encode_var", "decode_var",
            "encode", "decode", "mean_unit", "var_root_unit", "scale_blocks", "dither", "code_dtype", "effective_weight", "kahan_split", "state_bytes"]
 
 FORMATS = ("fp32", "bf16", "8bit", "4bit")
 BLOCKED = ("8bit", "4bit")
+FACTORED = ("bf16",)  # element-wise formats whose update takes the bias corrections as per-tensor factors
 MIN_QUANTIZED_NUMEL = 4096
 BLOCK = {"8bit": 256, "4bit": 128}
 MEAN_LEVELS = {"8bit": 127, "4bit": 7}  # N: codes -N..N

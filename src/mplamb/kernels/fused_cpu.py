@@ -208,7 +208,7 @@ def _lean_plan(batch: LambBatch, key: tuple, idx: list, stage: "_Staging", noted
     override = None if batch.rescale is None else float(batch.rescale)
     scal, bias = scalar_tables(batch, idx, np.float32, override, clip_off=np.inf)
     bias, regime = bias_regime(bias)
-    flags = np.array([regime is K.BIAS_BOTH, regime is not K.BIAS_NONE], dtype=np.bool_)
+    flags = np.array([regime is K.BIAS_BOTH, regime is not K.BIAS_NONE, fmt in codec.FACTORED], dtype=np.bool_)
     plan = dict(idx=idx, w=w_addr, c=c_addr, mst=mst_addr, g=g_addr, m=m_addr, v=v_addr, o=o_addr, sizes=sz, mode=mode,
                 w_mark=_MARK[w_dtype], g_mark=_MARK[g_dtype], scal=scal, bias=bias, flags=flags)
     if fmt in codec.BLOCKED:

@@ -296,13 +296,24 @@ def direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var):
     return m / (np.sqrt(v) + eps) + w * wd
 
 
+@njit(inline="always")
+def factored_direction(m, v, w, eps, wd, am, sv):
+    """``(m * a') / (sqrt(v) * s' + eps) + w * wd``: the update of ``"bf16"`` moments, the bias corrections
+    as the per-tensor factors ``(a', s')`` = :func:`block_factors` ``(1, 1, bias1, bias2)`` (codec)."""
+    return (m * am) / (np.sqrt(v) * sv + eps) + w * wd
+
+
 @njit(cache=True, error_model="numpy")
-def directions(mb, vb, wb, gb, lo, hi, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var):
+def directions(mb, vb, wb, gb, lo, hi, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, factored):
     """``gb[j] = direction(load(mb[j]), load(vb[j]), wb[j])`` for ``lo <= j < hi`` (``mb``/``vb``: float32
     scratch or the stored moments): the regime is tested once, each case a loop of its own with the regime a
-    compile-time constant (:func:`.fused_cpu_kernels._direction`)."""
+    compile-time constant (:func:`.fused_cpu_kernels._direction`); ``factored``: :func:`factored_direction`."""
     wide_vectors()
-    if div_mean and div_var:
+    if factored:
+        am, sv = block_factors(np.float32(1.0), np.float32(1.0), bias1, bias2)
+        for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
+            gb[j] = factored_direction(load(mb[j]), load(vb[j]), wb[j], eps, wd, am, sv)
+    elif div_mean and div_var:
         for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
             gb[j] = _direction(load(mb[j]), load(vb[j]), wb[j], eps, wd, bias1, bias2, inv1, inv2, BIAS_BOTH)
     elif div_var and not div_mean:
@@ -448,7 +459,7 @@ def write_weights(wb, gb, step, mst, c, o, wmode, w_mark):
 
 @njit(cache=True, error_model="numpy")
 def update_elements(g, mean, var, wb, gb, mb, vb, m_mark, write, rescale, clip, b1, b2, omb1, omb2, eps, wd,
-                    bias1, bias2, inv1, inv2, div_mean, div_var, count, streams):
+                    bias1, bias2, inv1, inv2, div_mean, div_var, factored, count, streams):
     """One chunk of the element-wise formats (slices ``g``/``mean``/``var``): ``gb`` = the directions from
     the new moments rounded to the format, ``wb`` the effective weights.  With ``write`` the rounded
     moments are stored and the directions read back from the storage; dry, they are rounded in place
@@ -470,9 +481,11 @@ def update_elements(g, mean, var, wb, gb, mb, vb, m_mark, write, rescale, clip, 
         span = min(SPAN, n - lo)
         prefetch_ahead(count, streams, lo, span)
         if write:
-            directions(mean, var, wb, gb, lo, lo + span, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+            directions(mean, var, wb, gb, lo, lo + span, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var,
+                       factored)
         else:
-            directions(mb, vb, wb, gb, lo, lo + span, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+            directions(mb, vb, wb, gb, lo, lo + span, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var,
+                       factored)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -481,10 +494,11 @@ def phase1_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, si
     """Phase 1 of the ``"fp32"``/``"bf16"`` formats (moments float32 or bfloat16 bits: ``m_mark``) and
     the per-chunk partial sums ``partial[k]`` = (w**2, g**2, grad**2 (dry only)).  ``scal[i]`` =
     (rescale, clip, beta1, beta2, 1-beta1, 1-beta2, eps, wd) float32 (clip +inf: off), ``bias[i]`` =
-    (bias1, bias2, 1/bias1, 1/bias2) float64, ``flags`` = (divide the mean, divide the var).  The new
+    (bias1, bias2, 1/bias1, 1/bias2) float64, ``flags`` = (divide the mean, divide the var, the update of
+    :func:`factored_direction`).  The new
     moments are rounded to the format and written when ``write``; ``g`` uses the rounded values.
     ``scratch[thread]``: four float32 rows of :data:`CHUNK`."""
-    div_mean, div_var = flags[0], flags[1]
+    div_mean, div_var, factored = flags[0], flags[1], flags[2]
     for k in prange(chunk_tensor.shape[0]):
         wide_vectors()
         i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
@@ -502,8 +516,8 @@ def phase1_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, si
         wb, gb = scratch[tid, 0, :n], scratch[tid, 1, :n]
         partial[k, 0] = effective_weights_sumsq(w, c, mst, wb, wmode)
         update_elements(g, mean, var, wb, gb, scratch[tid, 2, :n], scratch[tid, 3, :n], m_mark, write, rescale,
-                        clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, count,
-                        streams)
+                        clip, b1, b2, omb1, omb2, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, factored,
+                        count, streams)
         partial[k, 1] = sum_of_squares(gb)
         partial[k, 2] = 0.0 if write else sum_of_squares(g)
 
@@ -521,9 +535,24 @@ def _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv
 
 
 @njit(inline="always")
-def _kahan_regimes(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark):
+def _kahan_factored(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, w_mark):
+    """:func:`_kahan_elements` with the update of :func:`factored_direction`."""
+    am, sv = block_factors(np.float32(1.0), np.float32(1.0), bias1, bias2)
+    for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
+        wj = load(w[j]) + load(c[j])
+        new = wj - step * factored_direction(load(mean[j]), load(var[j]), wj, eps, wd, am, sv)
+        p = rounded(new, w_mark)
+        o[j] = p
+        c[j] = rounded(new - load(p), w_mark)
+
+
+@njit(inline="always")
+def _kahan_regimes(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, factored,
+                   w_mark):
     """:func:`_kahan_elements` with the bias-correction regime a compile-time constant (as :func:`directions`)."""
-    if div_mean and div_var:
+    if factored:
+        _kahan_factored(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, w_mark)
+    elif div_mean and div_var:
         _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_BOTH, w_mark)
     elif div_var and not div_mean:
         _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_VAR, w_mark)
@@ -541,19 +570,21 @@ def _kahan_regimes(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1
 
 @njit(cache=True, error_model="numpy")
 def apply_elements_kahan(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var,
-                         w_mark):
+                         factored, w_mark):
     """:func:`_kahan_elements` into a separate output ``o``."""
     wide_vectors()
-    _kahan_regimes(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark)
+    _kahan_regimes(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, factored,
+                   w_mark)
 
 
 @njit(cache=True, error_model="numpy")
 def apply_elements_kahan_inplace(w, c, mean, var, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean,
-                                 div_var, w_mark):
+                                 div_var, factored, w_mark):
     """:func:`_kahan_elements` with ``o`` the weights ``w``: one array read and written, so LLVM needs no
     run-time aliasing check to vectorise the loop."""
     wide_vectors()
-    _kahan_regimes(w, c, mean, var, w, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, w_mark)
+    _kahan_regimes(w, c, mean, var, w, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, factored,
+                   w_mark)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -562,7 +593,7 @@ def phase2_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, o_
                             recompute):
     """Phase 2 of the ``"fp32"``/``"bf16"`` formats: ``g`` from the stored moments (``recompute``: from
     the old ones, as phase 1 does, and the new ones written), then the weights (``wmode``)."""
-    div_mean, div_var = flags[0], flags[1]
+    div_mean, div_var, factored = flags[0], flags[1], flags[2]
     for k in prange(chunk_tensor.shape[0]):
         wide_vectors()
         i, s0, n = chunk_tensor[k], chunk_start[k], chunk_len[k]
@@ -587,19 +618,19 @@ def phase2_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, o_
                 prefetch_ahead(count, streams, lo, span)
                 if inplace:
                     apply_elements_kahan_inplace(w, c, mean, var, lo, lo + span, step, eps, wd, bias1, bias2, inv1,
-                                                 inv2, div_mean, div_var, w_mark)
+                                                 inv2, div_mean, div_var, factored, w_mark)
                 else:
                     apply_elements_kahan(w, c, mean, var, o, lo, lo + span, step, eps, wd, bias1, bias2, inv1, inv2,
-                                         div_mean, div_var, w_mark)
+                                         div_mean, div_var, factored, w_mark)
             continue
         effective_weights(w, c, mst, wb, wmode)
         if recompute:
             count, streams = elementwise_streams(k, chunk_tensor, chunk_start, chunk_len, w_addr, c_addr, mst_addr,
                                                  g_addr, m_addr, v_addr, w_mark, g_mark, m_mark, wmode, True)
             update_elements(g, mean, var, wb, gb, mb, vb, m_mark, True, rescale, clip, b1, b2, omb1, omb2, eps, wd,
-                            bias1, bias2, inv1, inv2, div_mean, div_var, count, streams)
+                            bias1, bias2, inv1, inv2, div_mean, div_var, factored, count, streams)
         else:
-            directions(mean, var, wb, gb, 0, n, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var)
+            directions(mean, var, wb, gb, 0, n, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, factored)
         write_weights(wb, gb, step, mst, c, o, wmode, w_mark)
 
 

@@ -21,7 +21,8 @@ weights) runs the same stages around the codec (:func:`lean_update`)::
               mean, var  = moments from decode(codes), as above
               codes      = encode(mean, var)                  (var dithered by the step count)
               g          = direction(decode(codes), w)         (the update the stored state gives; blocked
-                                                                formats: :func:`blocked_direction`)
+                                                                formats: :func:`blocked_direction`, "bf16":
+                                                                :func:`factored_direction`)
     phase 2   new = w - step * g;  p = RN(new), c = RN(new - float32(p)) with a compensation
 
 A capturable batch (``batch.on_device``) takes its bias corrections from the device row of
@@ -44,7 +45,9 @@ from .contract import LambBatch, NormReducer, Phase1Result, StepResult, local_re
 CAPTURABLE = True  # steps batches with device scalars (batch.on_device) without a host synchronisation
 LEAN = True  # steps lean batches (moments in a codec format, Kahan-compensated weights)
 
-__all__ = ["CAPTURABLE", "LEAN", "lean_weight", "lean_update", "blocked_direction", "moments", "direction", "phase1", "phase2", "phase1_batch", "phase2_batch", "sum_of_squares",
+__all__ = ["CAPTURABLE", "LEAN", "lean_weight", "lean_update", "bias_factors", "blocked_direction",
+           "factored_direction", "moments", "direction", "phase1", "phase2", "phase1_batch", "phase2_batch",
+           "sum_of_squares",
            "grad_sum_of_squares", "lamb_step"]
 
 Scale = Union[float, torch.Tensor]
@@ -155,9 +158,21 @@ def lean_update(batch: LambBatch, i: int, w: torch.Tensor, t: Union[int, torch.T
     if fmt in codec.BLOCKED:
         g = blocked_direction(mq, ms, vq, vs, fmt, w, batch.scalars[i], bias)
     else:
-        g = direction(codec.decode_mean(mq, ms, fmt, shape), codec.decode_var(vq, vs, fmt, shape), w,
-                      batch.scalars[i], bias)
+        g = (factored_direction if fmt in codec.FACTORED else direction)(
+            codec.decode_mean(mq, ms, fmt, shape), codec.decode_var(vq, vs, fmt, shape), w, batch.scalars[i], bias)
     return g, (mq, ms, vq, vs)
+
+
+def bias_factors(a: torch.Tensor, b: torch.Tensor, sc: Phase1Scalars,
+                 bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(a', s') = (RN32(float64(a) / bias1), sqrt(RN32(b / bias2)))`` (float32, ``a``/``b``'s shape; without
+    bias correction ``(a, sqrt(b))``): the factors the lean update applies to the mean and to the square root of
+    the second moment.  ``bias``: as in :func:`direction`."""
+    if sc.bias1 is not None:
+        bias1, bias2 = (sc.bias1, sc.bias2) if bias is None else (bias[0], bias[1].to(torch.float32))
+        a = (a.to(torch.float64) / bias1).to(torch.float32)
+        b = b / bias2
+    return a, ieee_sqrt(b)
 
 
 def blocked_direction(mq: torch.Tensor, ms: torch.Tensor, vq: torch.Tensor, vs: torch.Tensor, fmt: str,
@@ -169,15 +184,25 @@ def blocked_direction(mq: torch.Tensor, ms: torch.Tensor, vq: torch.Tensor, vs: 
         a' = RN32(float64(a) / bias1),   s' = sqrt(RN32(b / bias2))
 
     ``bias``: as in :func:`direction`."""
-    a, b = ms, vs
-    if sc.bias1 is not None:
-        bias1, bias2 = (sc.bias1, sc.bias2) if bias is None else (bias[0], bias[1].to(torch.float32))
-        a = (a.to(torch.float64) / bias1).to(torch.float32)
-        b = b / bias2
+    a, s = bias_factors(ms, vs, sc, bias)
     shape = w.shape
     num = codec.scale_blocks(codec.mean_unit(mq, fmt, shape), a, fmt)
-    den = codec.scale_blocks(codec.var_root_unit(vq, fmt, shape), ieee_sqrt(b), fmt)
+    den = codec.scale_blocks(codec.var_root_unit(vq, fmt, shape), s, fmt)
     return num / (den + sc.epsilon) + w * sc.wd
+
+
+def factored_direction(m: torch.Tensor, v: torch.Tensor, w: torch.Tensor, sc: Phase1Scalars,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`direction` of ``"bf16"`` moments (float32 ``m``, ``v``, ``w``), with the bias corrections as two
+    per-tensor factors (the codec's specification; :func:`blocked_direction` with one block of scales 1)::
+
+        u = (m * a') / (sqrt(v) * s' + eps) + w * wd,
+        a' = RN32(1 / bias1),   s' = sqrt(RN32(1 / bias2))
+
+    ``bias``: as in :func:`direction`."""
+    one = torch.ones((), dtype=torch.float32, device=m.device)
+    a, s = bias_factors(one, one, sc, bias)
+    return (m * a) / (ieee_sqrt(v) * s + sc.epsilon) + w * sc.wd
 
 
 def _lean_phase1_batch(batch: LambBatch, dry: bool) -> Phase1Result:

@@ -20,7 +20,9 @@ not repeated here; per element of tensor ``i``::
                | out = RN(new)
 
 The element-wise formats (``"fp32"``, ``"bf16"``) round the new moments to the format and take the
-full-state direction of the rounded values (:func:`.triton_kernels._direction`).  Phase 1 adds per
+direction of the rounded values: ``"fp32"`` the full-state one (:func:`.triton_kernels._direction`),
+``"bf16"`` the codec's ``(m * a') / (sqrt(v) * s' + eps) + w * wd`` with the per-tensor factors
+``(a', s')`` of a block of scales 1 (:func:`_factored_direction`).  Phase 1 adds per
 program the float64 partial sums of ``w**2``, ``g**2`` and, in a dry phase 1, ``grad**2``; they are
 reduced per tensor in a fixed order (:func:`.triton_kernels.sum_blocks_kernel`).
 
@@ -165,6 +167,27 @@ def _sum_of_squares(x, mask):
 # ------------------------------------------------------------------ element-wise formats ("fp32", "bf16")
 
 @triton.jit
+def _factored_direction(m, v, w, num_ptr, row, bias_row):
+    """``(m * a') / (sqrt(v) * s' + eps) + w * wd`` with ``(a', s')`` = :func:`_block_factors` of scales 1: the
+    update of ``"bf16"`` moments (:func:`mplamb.kernels.reference.factored_direction`)."""
+    eps = tl.load(num_ptr + row + S_SCAL + 6).to(tl.float32)
+    wd = tl.load(num_ptr + row + S_SCAL + 7).to(tl.float32)
+    one = tl.full([1], 1.0, tl.float32)
+    am, sv = _block_factors(one, one, bias_row)
+    return tl.div_rn(m * am, tl.sqrt_rn(v) * sv + eps) + w * wd
+
+
+@triton.jit
+def _elementwise_direction(m, v, w, num_ptr, row, bias_row, M_KIND: tl.constexpr):
+    """The direction of the element-wise format whose storage kind is ``M_KIND``: bfloat16 moments take
+    :func:`_factored_direction`, float32 ones the full-state :func:`.triton_kernels._direction`."""
+    if M_KIND == 1:
+        return _factored_direction(m, v, w, num_ptr, row, bias_row)
+    else:
+        return _direction(m, v, w, num_ptr, row + S_SCAL, bias_row, 0)
+
+
+@triton.jit
 def _elementwise_moments(addr_ptr, num_ptr, row, offs, mask, rescale_ptr, G_KIND: tl.constexpr,
                          M_KIND: tl.constexpr, RESCALE_FROM_PTR: tl.constexpr):
     """The new moments from the stored ones and the gradient, rounded to the format (``M_KIND``)."""
@@ -204,7 +227,7 @@ def phase1_elementwise_kernel(addr_ptr, num_ptr, tid_ptr, first_ptr, rescale_ptr
         tl.store(partial_ptr + 3 * pid + 2, tl.sum(raw * raw, axis=0))
     w = _effective_weight(addr_ptr, row, offs, mask, W_KIND, MODE)
     bias_row = _bias_row(addr_ptr, num_ptr, row, bias_ptr, last_row, DEVICE_T)
-    g = tl.where(mask, _direction(m, v, w, num_ptr, row + S_SCAL, bias_row, 0), 0.0).to(tl.float64)
+    g = tl.where(mask, _elementwise_direction(m, v, w, num_ptr, row, bias_row, M_KIND), 0.0).to(tl.float64)
     w64 = tl.where(mask, w, 0.0).to(tl.float64)
     tl.store(partial_ptr + 3 * pid, tl.sum(w64 * w64, axis=0))
     tl.store(partial_ptr + 3 * pid + 1, tl.sum(g * g, axis=0))
@@ -233,7 +256,7 @@ def phase2_elementwise_kernel(addr_ptr, num_ptr, tid_ptr, first_ptr, rescale_ptr
     w = _effective_weight(addr_ptr, row, offs, mask, W_KIND, MODE)
     bias_row = _bias_row(addr_ptr, num_ptr, row, bias_ptr, last_row, DEVICE_T)
     step = tl.load(steps_ptr + t).to(tl.float32)
-    new = w - step * _direction(m, v, w, num_ptr, row + S_SCAL, bias_row, 0)
+    new = w - step * _elementwise_direction(m, v, w, num_ptr, row, bias_row, M_KIND)
     _write_weight(addr_ptr, row, offs, keep, new, W_KIND, MODE)
 
 
