@@ -447,6 +447,9 @@ def main():
             with open(os.path.join(sub, name), "w") as f:
                 json.dump(info, f)
     if rank is not None:
+        # No rank tears down its gloo connections while the other may still use them: a rank that closed first
+        # has aborted its peer ("terminate called without an active exception").
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

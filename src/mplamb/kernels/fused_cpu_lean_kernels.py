@@ -710,15 +710,6 @@ def coded_update(q_m, q_v, w, am, sb, inv_n, inv_k, eps, wd):
     return ((tm * np.abs(tm)) * am) / ((tv * tv) * sb + eps) + w * wd
 
 
-@njit(error_model="numpy")
-def encoded_update(m, v, w, j, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps, wd):
-    """``(q_m, q_v, u)`` of element ``j`` of a block: its new codes and the update they give (a function of its
-    own, which LLVM inlines: numba's IR inliner mishandles several inlined copies in one function)."""
-    q_m = encode_mean(m, ra, n_levels)
-    q_v = encode_var(v, rb, k_levels, dither(j, block_seed))
-    return q_m, q_v, coded_update(q_m, q_v, w, am, sb, inv_n, inv_k, eps, wd)
-
-
 @njit(inline="always")
 def encode_bytes(mb, vb, wb, gb, off, qm, qv, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps,
                  wd):
