@@ -3,8 +3,8 @@
 Run: ``python benchmarks/lean_kernels_ab.py --against REV [--moments 8bit,4bit,bf16] [--rounds 21]``.
 BERT-base shapes (109.5M parameters, bf16 weights with Kahan compensation, random gradients), one optimizer per
 kernel version and torch's fused AdamW (float32) beside them; each round steps the three in turn (the two
-versions swap places every round), so both see the same state of the machine.  Prints the medians and the median
-of the per-round ratios (this checkout / ``REV``).  ``REV``'s ``src/mplamb/kernels/fused_cpu_lean_kernels.py`` is
+versions swap places every round), so both see the same state of the machine.  Prints the medians and the medians
+of the per-round ratios this checkout / ``REV`` and this checkout / fused AdamW.  ``REV``'s ``src/mplamb/kernels/fused_cpu_lean_kernels.py`` is
 loaded as a module of this package (its launcher, the rest of mplamb, is this checkout's), so the two must take the
 same arguments.
 """
@@ -86,7 +86,8 @@ def main() -> None:
                         times[name].append(time.perf_counter() - start)
                 medians = "  ".join(f"{name} {statistics.median(ts) * 1e3:.1f} ms" for name, ts in times.items())
                 paired = statistics.median(a / b for a, b in zip(times["this"], times[args.against]))
-                print(f"  {moments:5s} {medians}   this / {args.against}: {paired:.3f}")
+                vs_adamw = statistics.median(a / b for a, b in zip(times["this"], times["adamw"]))
+                print(f"  {moments:5s} {medians}   this / {args.against}: {paired:.3f}   this / adamw: {vs_adamw:.2f}")
                 del opts
         finally:
             fused_cpu.KL = versions["this"]
