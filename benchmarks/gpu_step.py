@@ -9,12 +9,15 @@ bf16 parameters, which Lamb gives fp32 masters), times ``opt.step()`` on fixed g
 * ``Lamb host-sync``: ``mplamb.Lamb(capturable=False)``, which waits for the gradient pass to
   decide the non-finite skip;
 * ``Lamb capturable``: the default on CUDA, no host synchronisation;
-* ``Lamb graph``: the capturable step captured once in a ``torch.cuda.CUDAGraph`` and replayed.
+* ``Lamb graph``: the capturable step captured once in a ``torch.cuda.CUDAGraph`` and replayed;
+* ``Lamb 8bit``, ``Lamb 8bit graph``, ``Lamb 4bit``, ``Lamb bf16 moments``: the lean step
+  (``moments=...``, ``master_weights="kahan"``: Kahan-compensated bf16 weights, none for fp32 ones), capturable.
 
 Each time is the median over ``--rounds`` of ``--steps`` back-to-back steps between two CUDA
 events (so host overhead that the device cannot hide counts), per step.  The fraction of the
 roof is ``40 B/param`` (LAMB's two passes; the gradient pass adds 4 or 2) over that time,
-against a device-to-device copy measured in the same run.
+against a device-to-device copy measured in the same run (full-state rows only: a lean step moves fewer bytes,
+about 24 B/param with 8-bit moments on fp32 parameters against fused AdamW's 28).
 """
 from __future__ import annotations
 
@@ -58,6 +61,11 @@ def make_params(shapes, dtype):
     return ps
 
 
+def lean(ps, moments: str, lr=1e-3) -> mplamb.Lamb:
+    """The lean step: ``moments`` storage, Kahan-compensated weights where they are bf16 (fp32 ones need none)."""
+    return mplamb.Lamb(ps, lr=lr, weight_decay=0.01, moments=moments, master_weights="kahan")
+
+
 CANDIDATES = {
     "torch AdamW fused": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True), False),
     "torch AdamW fused, graph": (lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-3, device="cuda"),
@@ -66,7 +74,14 @@ CANDIDATES = {
     "Lamb capturable": (lambda ps: mplamb.Lamb(ps, lr=1e-3, weight_decay=0.01), False),
     "Lamb graph": (lambda ps: mplamb.Lamb(ps, lr=torch.tensor(1e-3, device="cuda", dtype=torch.float64),
                                           weight_decay=0.01), True),
+    "Lamb 8bit": (lambda ps: lean(ps, "8bit"), False),
+    "Lamb 8bit graph": (lambda ps: lean(ps, "8bit", lr=torch.tensor(1e-3, device="cuda", dtype=torch.float64)), True),
+    "Lamb 4bit": (lambda ps: lean(ps, "4bit"), False),
+    "Lamb bf16 moments": (lambda ps: lean(ps, "bf16"), False),
 }
+
+
+FULL_STATE = ("Lamb host-sync", "Lamb capturable", "Lamb graph")
 
 
 def time_step(make, graph: bool, shapes, dtype, steps: int, rounds: int) -> float:
@@ -119,7 +134,7 @@ def main() -> int:
             for name, ms in times.items():
                 rows.append({"workload": w, "setup": setup, "optimizer": name, "ms": ms, "tensors": len(shapes),
                              "params": n, "vs_adamw_fused": ms / times["torch AdamW fused"],
-                             "roof_fraction_40B": LAMB_BYTES * n / (ms / 1e3) / roof if name.startswith("Lamb")
+                             "roof_fraction_40B": LAMB_BYTES * n / (ms / 1e3) / roof if name in FULL_STATE
                              else None})
     head = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy roof {roof / 1e9:.0f} GB/s; "
             f"command: python benchmarks/gpu_step.py {' '.join(sys.argv[1:])}")
