@@ -304,6 +304,28 @@ def factored_direction(m, v, w, eps, wd, am, sv):
     return (m * am) / (np.sqrt(v) * sv + eps) + w * wd
 
 
+BIAS_FACTORED = np.int16(0)  # a regime beside fused_cpu_kernels' BIAS_*: the update of factored_direction
+
+
+def factored_regime(regime):  # pragma: no cover - replaced by the overload below inside numba
+    raise NotImplementedError
+
+
+@overload(factored_regime, inline="always")
+def _factored_regime(regime):
+    flag = regime == types.int16
+    return lambda regime: flag
+
+
+@njit(inline="always")
+def regime_direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2, am, sv, regime):
+    """The update of one element in the compile-time ``regime``: :func:`factored_direction` with the factors
+    ``am``/``sv`` (``BIAS_FACTORED``), else :func:`.fused_cpu_kernels._direction` (``BIAS_*``)."""
+    if factored_regime(regime):
+        return factored_direction(m, v, w, eps, wd, am, sv)
+    return _direction(m, v, w, eps, wd, bias1, bias2, inv1, inv2, regime)
+
+
 @njit(cache=True, error_model="numpy")
 def directions(mb, vb, wb, gb, lo, hi, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, factored):
     """``gb[j] = direction(load(mb[j]), load(vb[j]), wb[j])`` for ``lo <= j < hi`` (``mb``/``vb``: float32
@@ -524,24 +546,14 @@ def phase1_elementwise_pass(w_addr, c_addr, mst_addr, g_addr, m_addr, v_addr, si
 
 
 @njit(inline="always")
-def _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, regime, w_mark):
+def _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, am, sv, regime, w_mark):
     """Phase 2 of elements ``lo .. hi-1`` of an element-wise chunk with Kahan weights, one loop: ``new = w - step *
-    g`` from the stored moments, ``o = p = RN(new)``, ``c = RN(new - float32(p))`` (``o`` may be ``w`` itself)."""
+    g`` from the stored moments (:func:`regime_direction`), ``o = p = RN(new)``, ``c = RN(new - float32(p))`` (``o``
+    may be ``w`` itself)."""
     for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
         wj = load(w[j]) + load(c[j])
-        new = wj - step * _direction(load(mean[j]), load(var[j]), wj, eps, wd, bias1, bias2, inv1, inv2, regime)
-        p = rounded(new, w_mark)
-        o[j] = p
-        c[j] = rounded(new - load(p), w_mark)
-
-
-@njit(inline="always")
-def _kahan_factored(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, w_mark):
-    """:func:`_kahan_elements` with the update of :func:`factored_direction`."""
-    am, sv = block_factors(np.float32(1.0), np.float32(1.0), bias1, bias2)
-    for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
-        wj = load(w[j]) + load(c[j])
-        new = wj - step * factored_direction(load(mean[j]), load(var[j]), wj, eps, wd, am, sv)
+        new = wj - step * regime_direction(load(mean[j]), load(var[j]), wj, eps, wd, bias1, bias2, inv1, inv2, am, sv,
+                                           regime)
         p = rounded(new, w_mark)
         o[j] = p
         c[j] = rounded(new - load(p), w_mark)
@@ -551,14 +563,20 @@ def _kahan_factored(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, w_m
 def _kahan_regimes(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, div_mean, div_var, factored,
                    w_mark):
     """:func:`_kahan_elements` with the bias-correction regime a compile-time constant (as :func:`directions`)."""
+    one = np.float32(1.0)
     if factored:
-        _kahan_factored(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, w_mark)
+        am, sv = block_factors(one, one, bias1, bias2)
+        _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, am, sv, BIAS_FACTORED,
+                        w_mark)
     elif div_mean and div_var:
-        _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_BOTH, w_mark)
+        _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, one, one, BIAS_BOTH,
+                        w_mark)
     elif div_var and not div_mean:
-        _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_VAR, w_mark)
+        _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, one, one, BIAS_VAR,
+                        w_mark)
     elif not div_var and not div_mean:
-        _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, BIAS_NONE, w_mark)
+        _kahan_elements(w, c, mean, var, o, lo, hi, step, eps, wd, bias1, bias2, inv1, inv2, one, one, BIAS_NONE,
+                        w_mark)
     else:  # the mean divided, the var not: no launcher asks for it
         for j in range(np.uint64(lo), np.uint64(hi)):  # unsigned: no wraparound test
             wj = load(w[j]) + load(c[j])
@@ -711,7 +729,7 @@ def coded_update(q_m, q_v, w, am, sb, inv_n, inv_k, eps, wd):
 
 
 @njit(inline="always")
-def encode_bytes(mb, vb, wb, gb, off, qm, qv, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps,
+def encode_block(mb, vb, wb, gb, off, qm, qv, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps,
                  wd):
     """A block's encoding into the integer codes ``qm``/``qv[:n]`` (scratch) and its updates ``gb[off:off + n]`` from
     the codes, one loop a stage, from its new moments ``mb``/``vb`` and effective weights ``wb`` at ``off`` (``ra``,
@@ -849,7 +867,7 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
     """Phase 1 of the work item of elements ``e0 .. e0+ne-1`` (whole blocks; the stages of the module
     docstring) block by block, given its effective weights ``wb[:ne]``: ``gb[:ne]`` receives the
     directions from the new codes; with ``write`` each block's codes and scales are overwritten once
-    its old codes were read.  ``mb``/``vb`` (``ne``) and ``qm``/``qv`` (a block; 8-bit) are scratch.  4-bit
+    its old codes were read.  ``mb``/``vb`` (``ne``) and ``qm``/``qv`` (the block's integer codes) are scratch.  4-bit
     codes are decoded from the bytes in place, the low nibbles (the block's first ``ceil(n / 2)``
     elements) in one loop and the high ones in another.  ``count``/``streams``: the next item's weights,
     asked for :data:`AHEAD` elements at a time (:func:`prefetch_ahead`).  The stages are inlined and address
@@ -887,7 +905,7 @@ def update_item(e0, ne, length, block, nb, half, g, mc, vc, ms, vs, wb, gb, mb, 
         ra, rb = reciprocal(a), reciprocal(b)
         am, sb = block_factors(a, b, bias1, bias2)
         block_seed = seed + e  # the dither of element e + j (mod 2**32: j's 32-bit induction vectorises)
-        encode_bytes(mb, vb, wb, gb, off, qm, qv, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps,
+        encode_block(mb, vb, wb, gb, off, qm, qv, n, ra, rb, n_levels, k_levels, block_seed, am, sb, inv_n, inv_k, eps,
                      wd)
         if write:  # every old code of the block was read (update_block above)
             ub = np.uint64(base)
