@@ -1,4 +1,4 @@
-"""Every relative link and image in the README and docs/ points at a file of the repository."""
+"""Every relative link and image in the README, the CHANGELOG and docs/ points at a file of the repository."""
 from __future__ import annotations
 
 import pathlib
